@@ -1,0 +1,163 @@
+"""The fused EMA update: one launch updates every tensor of a (device, dtype, dtype) group.
+
+The kernel reads the step counter from device memory and evaluates the decay
+schedule itself, so nothing is computed or synchronised on the host per step
+and the launch can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from triton_ema.kernels.launch import TableKernel
+from triton_ema.kernels.table import ENTRY, TensorTable, build_table
+from triton_ema.schedules import Schedule
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+#: Parameter and shadow dtypes the kernels take; anything else goes through the torch path.
+SUPPORTED_DTYPES = frozenset(_TL_DTYPES)
+
+
+@triton.jit
+def _weight(t, min_weight, max_weight, warmup_gamma, warmup_power, update_after_step, WARMUP: tl.constexpr):
+    """``w = 1 - d`` of step ``t`` in fp32; see ``Schedule.weight`` for the host twin."""
+    u = t - update_after_step
+    uf = u.to(tl.float32)
+    if WARMUP == 1:
+        # 1 - (1 + u) / (10 + u), written without the cancelling subtraction.
+        w = tl.maximum(min_weight, 9.0 / (10.0 + uf))
+    elif WARMUP == 2:
+        # Clamped at 0 so that u <= 0 (a copy anyway) takes no log of zero.
+        w = tl.maximum(min_weight, tl.exp2(-warmup_power * tl.log2(1.0 + tl.maximum(uf - 1.0, 0.0) / warmup_gamma)))
+    else:
+        w = min_weight
+    w = tl.minimum(w, max_weight)
+    copy = u <= 0
+    if WARMUP == 2:
+        copy = copy | (u == 1)
+    return tl.where(copy, 1.0, w)
+
+
+@triton.jit
+def _ema_block(param_ptr, shadow_ptr, offs, n, w, SHADOW_DTYPE: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        mask = offs < n
+        p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
+        s = tl.load(shadow_ptr + offs, mask=mask).to(tl.float32)
+    else:
+        p = tl.load(param_ptr + offs).to(tl.float32)
+        s = tl.load(shadow_ptr + offs).to(tl.float32)
+    diff = p - s
+    # lerp's two-sided form: exact at w == 1 (a copy), and what torch._foreach_lerp_ computes.
+    new = tl.where(w < 0.5, s + w * diff, p - diff * (1.0 - w))
+    if MASKED:
+        tl.store(shadow_ptr + offs, new.to(SHADOW_DTYPE), mask=mask)
+    else:
+        tl.store(shadow_ptr + offs, new.to(SHADOW_DTYPE))
+
+
+@triton.jit
+def _ema_update_kernel(
+    param_addrs_ptr,
+    shadow_addrs_ptr,
+    numels_ptr,
+    entry_tensor_ptr,
+    entry_block_ptr,
+    n_entries,
+    step_ptr,
+    min_weight,
+    max_weight,
+    warmup_gamma,
+    warmup_power,
+    update_after_step,
+    update_every,
+    SIZE_BUCKET,  # noqa: ARG001  (read by the autotuner's key only)
+    PARAM_DTYPE: tl.constexpr,
+    SHADOW_DTYPE: tl.constexpr,
+    WARMUP: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    ENTRY: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ENTRIES_PER_PROGRAM: tl.constexpr,
+):
+    t = tl.load(step_ptr)
+    if t % update_every == 0:
+        w = _weight(t, min_weight, max_weight, warmup_gamma, warmup_power, update_after_step, WARMUP)
+        pid = tl.program_id(0).to(tl.int64)
+        for i in tl.static_range(ENTRIES_PER_PROGRAM):
+            e = pid * ENTRIES_PER_PROGRAM + i
+            if e < n_entries:
+                idx = tl.load(entry_tensor_ptr + e)
+                start = tl.load(entry_block_ptr + e).to(tl.int64) * ENTRY
+                n = tl.load(numels_ptr + idx)
+                param_ptr = tl.load(param_addrs_ptr + idx).to(tl.pointer_type(PARAM_DTYPE))
+                shadow_ptr = tl.load(shadow_addrs_ptr + idx).to(tl.pointer_type(SHADOW_DTYPE))
+                if ALIGNED:
+                    # Addresses loaded from a table carry no alignment facts; without these
+                    # hints every load and store would be scalar.
+                    param_ptr = tl.multiple_of(param_ptr, 16)
+                    shadow_ptr = tl.multiple_of(shadow_ptr, 16)
+                for off in tl.static_range(0, ENTRY, BLOCK):
+                    offs = start + off + tl.arange(0, BLOCK)
+                    if start + off + BLOCK <= n:
+                        _ema_block(param_ptr, shadow_ptr, offs, n, w, SHADOW_DTYPE, MASKED=False)
+                    elif start + off < n:
+                        _ema_block(param_ptr, shadow_ptr, offs, n, w, SHADOW_DTYPE, MASKED=True)
+
+
+_update = TableKernel(_ema_update_kernel, key=["SIZE_BUCKET", "PARAM_DTYPE", "SHADOW_DTYPE", "WARMUP", "ALIGNED"])
+
+
+def _schedule_args(schedule: Schedule) -> dict:
+    return {
+        "min_weight": schedule.min_weight,
+        "max_weight": schedule.max_weight,
+        "warmup_gamma": float(schedule.warmup_gamma),
+        "warmup_power": float(schedule.warmup_power),
+        "update_after_step": schedule.update_after_step,
+        "update_every": schedule.update_every,
+        "WARMUP": schedule.warmup_code,
+    }
+
+
+def _table_args(table: TensorTable, param_dtype: torch.dtype, shadow_dtype: torch.dtype) -> dict:
+    return {
+        "param_addrs_ptr": table.addrs[0],
+        "shadow_addrs_ptr": table.addrs[1],
+        "numels_ptr": table.numels,
+        "entry_tensor_ptr": table.entry_tensor,
+        "entry_block_ptr": table.entry_block,
+        "n_entries": table.n_entries,
+        "SIZE_BUCKET": table.bucket,
+        "PARAM_DTYPE": _TL_DTYPES[param_dtype],
+        "SHADOW_DTYPE": _TL_DTYPES[shadow_dtype],
+        "ALIGNED": table.aligned,
+        "ENTRY": ENTRY,
+    }
+
+
+def ema_update(
+    table: TensorTable, step: Tensor, schedule: Schedule, param_dtype: torch.dtype, shadow_dtype: torch.dtype
+) -> None:
+    """Apply step ``step[0]`` of ``schedule`` to every (parameter, shadow) pair of ``table``: one launch.
+
+    ``step`` is a one-element int64 tensor on the table's device holding the
+    count of successful steps, already incremented for this one.
+    """
+    kwargs = {**_table_args(table, param_dtype, shadow_dtype), "step_ptr": step, **_schedule_args(schedule)}
+
+    def scratch() -> tuple[int, dict]:
+        device = step.device
+        n = table.bucket
+        scratch_table = build_table([torch.empty(n, dtype=param_dtype, device=device)],
+                                    [torch.zeros(n, dtype=shadow_dtype, device=device)])
+        scratch_kwargs = {**kwargs, **_table_args(scratch_table, param_dtype, shadow_dtype)}
+        # Keep the live key: the scratch buffers stand in for this group's shape class.
+        scratch_kwargs.update(SIZE_BUCKET=table.bucket, ALIGNED=table.aligned, step_ptr=torch.ones_like(step))
+        return scratch_table.n_entries, scratch_kwargs
+
+    _update(scratch, **kwargs)

@@ -1,0 +1,71 @@
+"""Launching table kernels: autotuned on scratch buffers on a GPU, a fixed config in the interpreter.
+
+Both kernels of this package write in place. Letting ``triton.autotune`` time
+them on the live tensors would apply the update once per config and timing
+repeat; its ``restore_value`` would prevent that by cloning every tuned tensor,
+a full extra copy of the shadows. Instead the first launch for a key (size
+bucket and dtypes) runs the autotuner on scratch tensors of the same shape
+class, whose contents do not matter; the autotuner caches its choice under
+that key, so the live launch that follows runs exactly once with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import triton
+
+from triton_ema.kernels import interpreting
+
+#: Configs tried on a GPU. Every BLOCK divides the table's ENTRY.
+CONFIGS = [
+    triton.Config({"BLOCK": block, "ENTRIES_PER_PROGRAM": per_program}, num_warps=warps)
+    for block in (1024, 4096)
+    for per_program in (1, 4, 16)
+    for warps in (4, 8)
+]
+
+#: The interpreter cannot time configs ("0 active drivers"). This one exercises the
+#: full-block and tail paths and the per-program entry loop on small tensors.
+INTERPRET_CONFIG = {"BLOCK": 1024, "ENTRIES_PER_PROGRAM": 2, "num_warps": 4}
+
+
+def _grid(n_entries: int) -> Callable[[dict[str, Any]], tuple[int]]:
+    return lambda meta: (triton.cdiv(n_entries, meta["ENTRIES_PER_PROGRAM"]),)
+
+
+class TableKernel:
+    """A ``@triton.jit`` table kernel together with its autotuned twin and the set of tuned keys."""
+
+    def __init__(self, kernel: Any, key: list[str]) -> None:
+        self.kernel = kernel
+        self.key = key
+        self.tuned = triton.autotune(configs=CONFIGS, key=key)(kernel)
+        self._tuned_keys: set[tuple[Any, ...]] = set()
+
+    def tuned_config(self, **key_values: Any) -> triton.Config | None:
+        """The config chosen for a key, if it was tuned already (for reports and tests)."""
+        prefix = tuple(key_values[k] for k in self.key)
+        # The autotuner appends the dtypes of tensor arguments to the key.
+        return next((c for k, c in self.tuned.cache.items() if k[: len(prefix)] == prefix), None)
+
+    def __call__(self, scratch: Callable[[], tuple[int, dict[str, Any]]], **kwargs: Any) -> None:
+        """Launch over the ``n_entries`` table entries named in ``kwargs``.
+
+        ``scratch()`` returns ``(n_entries, kwargs)`` for a launch on scratch
+        tensors with the same key; it is called once per key, before the first
+        live launch, and its tensors are dropped after tuning.
+        """
+        n_entries = kwargs["n_entries"]
+        if n_entries == 0:
+            return
+        if interpreting():
+            self.kernel[_grid(n_entries)](**kwargs, **INTERPRET_CONFIG)
+            return
+        key = tuple(kwargs[k] for k in self.key)
+        if key not in self._tuned_keys:
+            scratch_entries, scratch_kwargs = scratch()
+            self.tuned[_grid(scratch_entries)](**scratch_kwargs)
+            self._tuned_keys.add(key)
+        self.tuned[_grid(n_entries)](**kwargs)

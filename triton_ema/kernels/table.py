@@ -1,0 +1,73 @@
+"""A device-side table of tensors that lets one kernel launch cover many tensors.
+
+Each tensor is cut into entries of ``ENTRY`` elements. The table holds, per
+tensor, the element addresses of its slots (parameter, shadow, ...) and its
+length, and per entry the tensor it belongs to and its index inside that
+tensor. A program of a kernel handles a few consecutive entries, so the work
+is spread evenly whatever the tensor sizes are, and no Python loop over
+tensors runs at launch time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: Elements per table entry. Every kernel BLOCK divides it, so entry starts stay aligned.
+ENTRY = 4096
+
+#: Autotuning happens once per bucket of total size: the next power of two, capped here.
+MAX_BUCKET = 1 << 26
+
+
+def size_bucket(n_elements: int) -> int:
+    return min(MAX_BUCKET, max(ENTRY, 1 << max(0, n_elements - 1).bit_length()))
+
+
+@dataclass
+class TensorTable:
+    """Addresses and entry map of a group of equally shaped tensor lists on one device."""
+
+    addrs: list[Tensor]  # one int64 [n_tensors] address vector per slot
+    numels: Tensor  # int64 [n_tensors]
+    entry_tensor: Tensor  # int32 [n_entries]
+    entry_block: Tensor  # int32 [n_entries]
+    n_entries: int
+    n_elements: int
+    aligned: bool  # every address is 16-byte aligned
+    # The tensors whose addresses the table holds. Keeping them referenced keeps their
+    # storage alive, so a kernel never writes memory that was freed behind the table.
+    tensors: tuple[list[Tensor], ...]
+
+    @property
+    def bucket(self) -> int:
+        return size_bucket(self.n_elements)
+
+
+def build_table(*slots: list[Tensor]) -> TensorTable:
+    """Build the table for ``slots``: lists of dense tensors, pairwise of equal shape and strides.
+
+    Dense but non-contiguous layouts (channels_last) work because every slot of
+    a tensor shares its strides, so the i-th element in memory order is the same
+    logical element in each slot.
+    """
+    first = slots[0]
+    device = first[0].device
+    numels = [t.numel() for t in first]
+    blocks = [-(-n // ENTRY) for n in numels]
+    entry_tensor = torch.repeat_interleave(torch.arange(len(first), dtype=torch.int32), torch.tensor(blocks))
+    entry_block = torch.cat([torch.arange(b, dtype=torch.int32) for b in blocks]) if first else entry_tensor
+    aligned = all(t.data_ptr() % 16 == 0 for slot in slots for t in slot)
+    addrs = [torch.tensor([t.data_ptr() for t in slot], dtype=torch.int64) for slot in slots]
+    return TensorTable(
+        addrs=[a.to(device) for a in addrs],
+        numels=torch.tensor(numels, dtype=torch.int64, device=device),
+        entry_tensor=entry_tensor.to(device),
+        entry_block=entry_block.to(device),
+        n_entries=int(sum(blocks)),
+        n_elements=int(sum(numels)),
+        aligned=aligned,
+        tensors=tuple([t.detach() for t in slot] for slot in slots),
+    )
