@@ -43,6 +43,26 @@ def _weight(t, min_weight, max_weight, warmup_gamma, warmup_power, update_after_
 
 
 @triton.jit
+def _round(x, DTYPE: tl.constexpr):
+    """fp32 ``x`` in ``DTYPE``, rounded to nearest even.
+
+    bf16 is rounded by hand: the interpreter truncates fp32 to bf16 (with or
+    without ``fp_downcast_rounding``), and the bit arithmetic costs nothing in
+    a memory-bound kernel, so the GPU and the interpreter give the same bits.
+    """
+    if DTYPE == tl.float32:
+        return x
+    elif DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        # A NaN whose payload sits in the low bits would round to inf: keep it a (quiet) NaN.
+        quiet_nan = (bits >> 16) | 0x40
+        return tl.where(x != x, quiet_nan, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
 def _ema_block(param_ptr, shadow_ptr, offs, n, w, SHADOW_DTYPE: tl.constexpr, MASKED: tl.constexpr):
     if MASKED:
         mask = offs < n
@@ -52,12 +72,13 @@ def _ema_block(param_ptr, shadow_ptr, offs, n, w, SHADOW_DTYPE: tl.constexpr, MA
         p = tl.load(param_ptr + offs).to(tl.float32)
         s = tl.load(shadow_ptr + offs).to(tl.float32)
     diff = p - s
-    # lerp's two-sided form: exact at w == 1 (a copy), and what torch._foreach_lerp_ computes.
-    new = tl.where(w < 0.5, s + w * diff, p - diff * (1.0 - w))
+    # lerp's two-sided form, what torch._foreach_lerp_ computes. A copy (w == 1) takes the
+    # parameter itself, so that it also resets a shadow that holds inf or NaN.
+    new = tl.where(w < 0.5, s + w * diff, tl.where(w == 1.0, p, p - diff * (1.0 - w)))
     if MASKED:
-        tl.store(shadow_ptr + offs, new.to(SHADOW_DTYPE), mask=mask)
+        tl.store(shadow_ptr + offs, _round(new, SHADOW_DTYPE), mask=mask)
     else:
-        tl.store(shadow_ptr + offs, new.to(SHADOW_DTYPE))
+        tl.store(shadow_ptr + offs, _round(new, SHADOW_DTYPE))
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from triton_ema.kernels.ema_update import _TL_DTYPES
+from triton_ema.kernels.ema_update import _TL_DTYPES, _round
 from triton_ema.kernels.launch import TableKernel
 from triton_ema.kernels.table import ENTRY, TensorTable, build_table
 
@@ -35,7 +35,7 @@ def _swap_block(a_ptr, b_ptr, c_ptr, offs, n, A_DTYPE: tl.constexpr, MODE: tl.co
         a = tl.load(a_ptr + offs, mask=mask)
         b = tl.load(b_ptr + offs, mask=mask)
         tl.store(c_ptr + offs, a, mask=mask)
-        tl.store(a_ptr + offs, b.to(A_DTYPE), mask=mask)
+        tl.store(a_ptr + offs, _round(b.to(tl.float32), A_DTYPE), mask=mask)
     else:
         c = tl.load(c_ptr + offs, mask=mask)
         tl.store(a_ptr + offs, c, mask=mask)

@@ -1,0 +1,40 @@
+"""Test set-up: Triton's interpreter on machines without CUDA, fresh random data every run."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+
+# The interpreter must be chosen before triton is first imported; with CUDA the
+# kernels run for real instead.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """A fresh seed per test, printed on failure so a run can be replayed."""
+    value = random.SystemRandom().randrange(2**31)
+    torch.manual_seed(value)
+    request.node.user_properties.append(("seed", value))
+    return value
+
+
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> None:
+    if call.when == "call" and call.excinfo is not None:
+        for name, value in item.user_properties:
+            if name == "seed":
+                item.add_report_section("call", "seed", f"torch.manual_seed({value})")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
