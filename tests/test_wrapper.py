@@ -1,0 +1,304 @@
+"""EMAOptimizerWrapper: semantics against the float64 reference, the optimizer contract, swaps, checkpoints, bad input."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from reference64 import Ema64, tol
+from triton_ema import EMAOptimizerWrapper
+from triton_ema.kernels import interpreting
+
+BACKENDS = [
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(not interpreting(), reason="CPU Triton needs the interpreter")),
+]
+PARAM_DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in (torch.float32, torch.bfloat16)]
+
+
+def make_model(dtype: torch.dtype = torch.float32) -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 5), nn.Linear(5, 3))
+    return model.to(dtype=dtype, memory_format=torch.channels_last)
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, data: list | None = None) -> list:
+    data = data or [torch.randn(2, 3, 6, 6, dtype=next(model.parameters()).dtype) for _ in range(steps)]
+    for x in data[:steps]:
+        opt.zero_grad()
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+    return data
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("param_dtype", PARAM_DTYPES)
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"decay": 0.9},
+        {"decay": 0.99, "warmup": "litema", "update_every": 2},
+        {"decay": 0.995, "warmup": "power", "warmup_gamma": 2.0, "warmup_power": 0.75, "update_after_step": 2},
+        {"decay": 0.99, "warmup": "litema", "min_decay": 0.5, "update_after_step": 1, "update_every": 3},
+    ],
+    ids=["plain", "litema-every2", "power-after2", "litema-min-after-every3"],
+)
+def test_matches_float64_reference(seed, backend, param_dtype, config):
+    model = make_model(param_dtype)
+    opt = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), backend=backend, **config)
+    names = {"warmup_gamma": "gamma", "warmup_power": "power", "update_after_step": "after", "update_every": "every"}
+    ref = Ema64(list(model.parameters()), **{names.get(k, k): v for k, v in config.items()})
+    for _ in range(7):
+        train(model, opt, 1)
+        ref.step(list(model.parameters()))
+    assert opt.num_steps == 7
+    for s, r in zip(opt.ema_params(), ref.shadows):
+        assert s.dtype == torch.float32, "low-precision parameters keep an fp32 shadow"
+        torch.testing.assert_close(s.double(), r, **tol(torch.float32))
+
+
+def test_fp32_shadow_keeps_moving_where_bf16_freezes():
+    p = nn.Parameter(torch.ones(1000, dtype=torch.bfloat16))
+    opt = EMAOptimizerWrapper(torch.optim.SGD([p], lr=1.0), decay=0.9999)
+    frozen = torch.ones(1000, dtype=torch.bfloat16)
+    with torch.no_grad():
+        p.fill_(1.5)
+    for _ in range(100):
+        opt.update_ema()
+        frozen.lerp_(p.detach(), 1e-4)
+    assert torch.all(frozen == 1), "the premise: a bf16 EMA does not move at this decay"
+    expected = 1 + 0.5 * (1 - 0.9999**100)
+    torch.testing.assert_close(opt.ema_params()[0], torch.full((1000,), expected), rtol=1e-5, atol=0)
+
+
+def test_is_an_optimizer_sharing_the_inner_state():
+    model = make_model()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = EMAOptimizerWrapper(inner)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is inner.param_groups and opt.state is inner.state and opt.defaults is inner.defaults
+    assert "AdamW" in repr(opt) and "decay=0.9999" in repr(opt)
+
+
+def test_lr_scheduler_drives_the_inner_optimizer(seed):
+    model = make_model()
+    inner = torch.optim.SGD(model.parameters(), lr=1.0)
+    opt = EMAOptimizerWrapper(inner, decay=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(3):
+        train(model, opt, 1)
+        sched.step()
+    assert inner.param_groups[0]["lr"] == pytest.approx(0.125)
+    assert opt.num_steps == 3
+
+
+def test_step_returns_closure_loss_and_runs_hooks(seed):
+    model = nn.Linear(6, 2)
+    opt = EMAOptimizerWrapper(torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=2), decay=0.5)
+    x = torch.randn(3, 6)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and calls == ["pre", "post"] and opt.num_steps == 1
+
+
+def test_add_param_group_tracks_new_parameters(seed):
+    a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4, dtype=torch.bfloat16))
+    opt = EMAOptimizerWrapper(torch.optim.SGD([a], lr=0.1), decay=0.5)
+    opt.add_param_group({"params": [b], "lr": 0.2})
+    assert len(opt.ema_params()) == 2 and torch.equal(opt.ema_params()[1], b.detach().float())
+    b0 = b.detach().float()
+    with torch.no_grad():
+        b.add_(1)
+    opt.update_ema()
+    torch.testing.assert_close(opt.ema_params()[1], 0.5 * b0 + 0.5 * b.detach().float())
+
+
+def test_grad_scaler_skipped_step_changes_nothing(seed):
+    model = make_model()
+    opt = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    train(model, opt, 1)
+    shadows = [s.clone() for s in opt.ema_params()]
+    opt.zero_grad()
+    scaler.scale(model(torch.randn(2, 3, 6, 6)).sum()).backward()
+    next(model.parameters()).grad[0].fill_(float("inf"))
+    scaler.step(opt)
+    scaler.update()
+    assert opt.num_steps == 1
+    assert all(torch.equal(s, t) for s, t in zip(opt.ema_params(), shadows))
+    opt.zero_grad()
+    scaler.scale(model(torch.randn(2, 3, 6, 6)).sum()).backward()
+    scaler.step(opt)
+    assert opt.num_steps == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("param_dtype", PARAM_DTYPES)
+def test_ema_weights_swaps_and_restores_even_on_error(seed, backend, param_dtype):
+    model = make_model(param_dtype)
+    opt = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.7, backend=backend)
+    train(model, opt, 3)
+    trained = [p.detach().clone() for p in model.parameters()]
+    shadows = [s.clone() for s in opt.ema_params()]
+    with pytest.raises(KeyError), opt.ema_weights():
+        for p, s in zip(model.parameters(), shadows):
+            assert torch.equal(p, s.to(param_dtype))
+        assert not torch.equal(next(model.parameters()), trained[0])
+        raise KeyError("evaluation failed")
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))
+    assert all(torch.equal(s, t) for s, t in zip(opt.ema_params(), shadows))
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+
+
+def test_no_step_or_nesting_inside_ema_weights(seed):
+    model = make_model()
+    opt = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.7)
+    train(model, opt, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    with opt.ema_weights():
+        inside = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(RuntimeError, match="step"):
+            opt.step()
+        with pytest.raises(RuntimeError, match="nest"):
+            with opt.ema_weights():
+                pass
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), inside))
+        assert opt.num_steps == 2
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_copy_ema_to_params(seed):
+    model = make_model(torch.bfloat16)
+    opt = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.7)
+    train(model, opt, 2)
+    opt.copy_ema_to_params()
+    assert all(torch.equal(p, s.to(torch.bfloat16)) for p, s in zip(model.parameters(), opt.ema_params()))
+
+
+def test_buffers_averaged_copied_and_swapped(seed):
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    opt = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.5, buffers=model.buffers())
+    bn = model[1]
+    expected = bn.running_mean.double().clone()
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(8, 4) + 3).sum().backward()
+        opt.step()
+        expected = 0.5 * expected + 0.5 * bn.running_mean.double()
+    ema_mean, ema_var, ema_count = (b.clone() for b in opt.ema_buffers())
+    torch.testing.assert_close(ema_mean.double(), expected, **tol(torch.float32))
+    assert ema_var.dtype == torch.float32 and ema_count.dtype == torch.int64 and int(ema_count) == 2
+    trained_mean = bn.running_mean.clone()
+    with opt.ema_weights():
+        assert torch.equal(bn.running_mean, ema_mean) and int(bn.num_batches_tracked) == 2
+    assert torch.equal(bn.running_mean, trained_mean)
+
+
+def checkpoint_roundtrip(param_dtype: torch.dtype, backend: str) -> None:
+    torch.manual_seed(1)
+    data = [torch.randn(2, 3, 6, 6, dtype=param_dtype) for _ in range(10)]
+    config = {"decay": 0.9, "warmup": "litema", "update_every": 2, "backend": backend}
+
+    torch.manual_seed(2)
+    ref_model = make_model(param_dtype)
+    ref = EMAOptimizerWrapper(torch.optim.AdamW(ref_model.parameters(), lr=1e-2), **config)
+    train(ref_model, ref, 10, data)
+
+    torch.manual_seed(2)
+    model = make_model(param_dtype)
+    opt = EMAOptimizerWrapper(torch.optim.AdamW(model.parameters(), lr=1e-2), **config)
+    train(model, opt, 5, data)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+
+    torch.manual_seed(3)  # a fresh model and wrapper with different weights
+    model2 = make_model(param_dtype)
+    opt2 = EMAOptimizerWrapper(torch.optim.AdamW(model2.parameters(), lr=1e-2), decay=0.5, backend=backend)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    assert opt2.num_steps == 5 and opt2.schedule == ref.schedule
+    train(model2, opt2, 5, data[5:])
+    for a, b in zip(model2.parameters(), ref_model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(opt2.ema_params(), ref.ema_params()):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("param_dtype", PARAM_DTYPES)
+def test_checkpoint_resumes_bit_exactly(backend, param_dtype):
+    checkpoint_roundtrip(param_dtype, backend)
+
+
+def test_mismatched_state_dict_raises_and_changes_nothing(seed):
+    model = make_model()
+    opt = EMAOptimizerWrapper(torch.optim.AdamW(model.parameters(), lr=1e-2), decay=0.9)
+    train(model, opt, 2)
+    other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 5), nn.Linear(5, 2))
+    other_opt = EMAOptimizerWrapper(torch.optim.AdamW(other.parameters(), lr=1e-2), decay=0.9)
+    train(other, other_opt, 1, [torch.randn(2, 3, 6, 6)])
+    fewer = EMAOptimizerWrapper(torch.optim.AdamW(list(model.parameters())[:-1], lr=1e-2))
+
+    shadows = [s.clone() for s in opt.ema_params()]
+    inner = opt.optimizer.state_dict()
+    with pytest.raises(ValueError, match=r"shadows\[4\] has shape \(2, 5\)"):
+        opt.load_state_dict(other_opt.state_dict())
+    with pytest.raises(ValueError, match="parameter group 0 has 5 parameters"):
+        opt.load_state_dict(fewer.state_dict())
+    with pytest.raises(ValueError, match="no 'ema' entry"):
+        opt.load_state_dict(opt.optimizer.state_dict())
+    assert opt.num_steps == 2
+    assert all(torch.equal(s, t) for s, t in zip(opt.ema_params(), shadows))
+    after = opt.optimizer.state_dict()
+    assert after["param_groups"] == inner["param_groups"]
+    for k, v in inner["state"].items():
+        assert all(torch.equal(v[n], after["state"][k][n]) for n in v)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"decay": 1.5}, ValueError, r"Invalid decay value: 1.5"),
+        ({"decay": -0.1}, ValueError, "Invalid decay"),
+        ({"decay": math.nan}, ValueError, "Invalid decay"),
+        ({"min_decay": 2.0}, ValueError, "Invalid min_decay"),
+        ({"min_decay": math.nan}, ValueError, "Invalid min_decay"),
+        ({"decay": 0.9, "min_decay": 0.95}, ValueError, "must not exceed"),
+        ({"warmup": "cosine"}, ValueError, "Unknown warmup 'cosine'"),
+        ({"backend": "cuda"}, ValueError, "Unknown backend 'cuda'"),
+        ({"update_every": 0}, ValueError, "update_every"),
+        ({"update_after_step": -1}, ValueError, "update_after_step"),
+        ({"warmup_gamma": 0.0}, ValueError, "warmup_gamma"),
+        ({"ema_dtype": torch.int32}, ValueError, "ema_dtype"),
+    ],
+)
+def test_bad_configuration_is_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        EMAOptimizerWrapper(torch.optim.SGD(make_model().parameters(), lr=0.1), **kwargs)
+
+
+def test_bad_optimizer_and_parameters_are_refused():
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        EMAOptimizerWrapper(make_model())
+    with pytest.raises(ValueError, match="floating-point"):
+        EMAOptimizerWrapper(torch.optim.SGD([torch.zeros(3, dtype=torch.int64)], lr=0.1))
+
+
+@pytest.mark.skipif(interpreting(), reason="checks the message shown without the interpreter")
+def test_triton_backend_on_cpu_explains_the_interpreter():
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        EMAOptimizerWrapper(torch.optim.SGD(make_model().parameters(), lr=0.1), backend="triton")
