@@ -1,0 +1,38 @@
+"""Every contender of a kind (EMA update, optimizer step, EMA-weight swap) over the same parameters.
+
+One pytest-benchmark group per kind and workload, e.g. ``update resnet50-fp32``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from benchmarks import harness
+from benchmarks.contenders import CONTENDERS, Contender
+from benchmarks.workloads import Workload
+
+DECAY = 0.9999
+
+
+@pytest.mark.parametrize("contender", CONTENDERS, ids=lambda c: c.name)
+def test_ema(benchmark, workload: Workload, contender: Contender, copy_gbps: float) -> None:
+    device = workload.device
+    if contender.cuda_only and device.type != "cuda":
+        pytest.skip("needs CUDA")
+    benchmark.group = f"{contender.kind} {workload.label}"
+    benchmark.extra_info.update(
+        kind=contender.kind, workload=workload.label, contender=contender.name, numel=workload.numel
+    )
+    start = time.perf_counter()
+    _, fn = contender.build(workload.params, DECAY)
+    harness.synchronize(device)
+    harness.measure(
+        benchmark,
+        fn,
+        device=device,
+        bytes_moved=contender.bytes_moved(workload.numel, workload.param_size),
+        copy_gbps=copy_gbps,
+        setup_s=time.perf_counter() - start,
+    )

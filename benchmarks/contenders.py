@@ -1,0 +1,274 @@
+"""The EMA implementations under test, as plain objects shared by the benchmarks and the smoke test.
+
+Each contender is built from a parameter list and a decay, owns fp32 shadows that start as a copy of the
+parameters, and exposes the timed operation as a method named after its kind: ``update()`` (one EMA
+update), ``step()`` (optimizer step, plus the EMA update for the wrapper) or ``swap(inside)`` (evaluate
+with EMA weights: ``inside`` runs while the parameters hold them). ``tests/test_benchmarks_smoke.py``
+checks every one of them against a float64 reference, so what is timed is what is tested.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from benchmarks.workloads import SHADOW_DTYPE
+from triton_ema import EMAOptimizerWrapper
+
+Params = list[torch.Tensor]
+# Small, so that thousands of benchmark steps leave the parameters finite.
+LR = 1e-3
+
+
+def _noop() -> None:
+    pass
+
+
+def fp32_shadows(params: Params) -> Params:
+    return [p.detach().to(SHADOW_DTYPE, copy=True) for p in params]
+
+
+class ArticleEma:
+    """The founding article's ``EMA`` class (timm ``ModelEmaV2``): one fused expression per tensor.
+
+    ``decay * e + (1 - decay) * m`` allocates three temporaries per tensor and launches four kernels.
+    """
+
+    def __init__(self, params: Params, decay: float) -> None:
+        self.params, self.shadows, self.decay = params, fp32_shadows(params), decay
+
+    @torch.no_grad()
+    def update(self) -> None:
+        decay = self.decay
+        for ema_v, model_v in zip(self.shadows, self.params, strict=True):
+            ema_v.copy_(decay * ema_v + (1.0 - decay) * model_v)
+
+
+class LitEma:
+    """latent-diffusion's ``LitEma``: warmup decay ``min(decay, (1 + n) / (10 + n))`` computed on the host.
+
+    The shadows live in a list rather than in name-keyed buffers; the arithmetic and the store / copy_to /
+    restore swap are the original's.
+    """
+
+    def __init__(self, params: Params, decay: float) -> None:
+        self.params, self.shadows, self.decay = params, fp32_shadows(params), decay
+        self.num_updates = 0
+        self.collected_params: Params = []
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.num_updates += 1
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        one_minus_decay = 1.0 - decay
+        for shadow, param in zip(self.shadows, self.params, strict=True):
+            shadow.sub_(one_minus_decay * (shadow - param))
+
+    def store(self) -> None:
+        self.collected_params = [param.clone() for param in self.params]
+
+    def copy_to(self) -> None:
+        for param, shadow in zip(self.params, self.shadows, strict=True):
+            param.data.copy_(shadow.data)
+
+    def restore(self) -> None:
+        for c_param, param in zip(self.collected_params, self.params, strict=True):
+            param.data.copy_(c_param.data)
+
+    def swap(self, inside: Callable[[], None] = _noop) -> None:
+        self.store()
+        self.copy_to()
+        inside()
+        self.restore()
+
+
+class ForeachLerp:
+    """``torch._foreach_lerp_`` over the lists (timm ``ModelEmaV3``, ``torch.optim.swa_utils.AveragedModel``).
+
+    ``_foreach_lerp_`` wants one dtype, so bf16 parameters are first upcast into a preallocated fp32 copy;
+    that copy is part of the cost.
+    """
+
+    def __init__(self, params: Params, decay: float) -> None:
+        self.params, self.shadows, self.weight = params, fp32_shadows(params), 1.0 - decay
+        mixed = any(p.dtype != s.dtype for p, s in zip(params, self.shadows, strict=True))
+        self._upcast = [torch.empty_like(s) for s in self.shadows] if mixed else None
+
+    @torch.no_grad()
+    def update(self) -> None:
+        ends = self.params
+        if self._upcast is not None:
+            torch._foreach_copy_(self._upcast, self.params)
+            ends = self._upcast
+        torch._foreach_lerp_(self.shadows, ends, self.weight)
+
+
+class NemoForeach:
+    """NeMo ``EMAOptimizer``: ``_foreach_mul_`` by the decay, then ``_foreach_add_`` with alpha ``1 - decay``."""
+
+    def __init__(self, params: Params, decay: float) -> None:
+        self.params, self.shadows, self.decay = params, fp32_shadows(params), decay
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_mul_(self.shadows, self.decay)
+        torch._foreach_add_(self.shadows, self.params, alpha=1.0 - self.decay)
+
+
+def foreach_update_tensor_weight(shadows: Params, params: Params, weight: torch.Tensor) -> None:
+    """``shadow += weight * (param - shadow)`` with ``weight = 1 - decay`` a 0-dim device tensor.
+
+    ``_foreach_lerp_`` has no tensor-weight overload, hence sub / mul / add, which Inductor fuses.
+    """
+    ends = [p.to(s.dtype) for p, s in zip(params, shadows, strict=True)]
+    delta = torch._foreach_sub(ends, shadows)
+    torch._foreach_mul_(delta, weight)
+    torch._foreach_add_(shadows, delta)
+
+
+class CompiledForeach:
+    """``foreach_update_tensor_weight`` under ``torch.compile`` (GPU only in the benchmarks).
+
+    The decay lives in a device tensor, so a schedule that changes it every step neither recompiles nor
+    syncs. The first call compiles; the harness reports it apart from the steady state.
+    """
+
+    def __init__(self, params: Params, decay: float, mode: str | None = None) -> None:
+        self.params, self.shadows = params, fp32_shadows(params)
+        device = params[0].device
+        self.weight = torch.tensor(1.0 - decay, dtype=SHADOW_DTYPE, device=device)
+        if mode == "reduce-overhead":
+            # CUDA-graph trees only update inputs in place when their addresses are static; otherwise they
+            # copy every input into the graph's own buffers on each replay, or fall back to eager.
+            for t in (*self.params, *self.shadows, self.weight):
+                torch._dynamo.mark_static_address(t)
+        self._fn = torch.compile(foreach_update_tensor_weight, mode=mode, fullgraph=True)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self._fn(self.shadows, self.params, self.weight)
+
+
+class GraphedForeachLerp:
+    """``ForeachLerp`` captured once in a CUDA graph and replayed: one launch per update."""
+
+    def __init__(self, params: Params, decay: float) -> None:
+        self._lerp = ForeachLerp(params, decay)
+        self.shadows = self._lerp.shadows
+        saved = [s.clone() for s in self.shadows]
+        # Capture must be preceded by a run on a side stream (torch.cuda.graphs' documented warm-up).
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._lerp.update()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._lerp.update()
+        # Undo the warm-up so that the shadows still start as the parameters.
+        torch._foreach_copy_(self.shadows, saved)
+
+    def update(self) -> None:
+        self.graph.replay()
+
+
+class Wrapper:
+    """``triton_ema.EMAOptimizerWrapper`` around plain SGD, with its defaults (backend="auto")."""
+
+    def __init__(self, params: Params, decay: float) -> None:
+        self.opt = EMAOptimizerWrapper(torch.optim.SGD(params, lr=LR), decay=decay)
+
+    @property
+    def shadows(self) -> Params:
+        return self.opt.ema_params()
+
+    def update(self) -> None:
+        self.opt.update_ema()
+
+    def step(self) -> None:
+        self.opt.step()
+
+    def swap(self, inside: Callable[[], None] = _noop) -> None:
+        with self.opt.ema_weights():
+            inside()
+
+
+class BareSGD:
+    """The wrapper's inner optimizer alone, on the same (pre-filled) gradients."""
+
+    def __init__(self, params: Params, decay: float) -> None:
+        self.opt = torch.optim.SGD(params, lr=LR)
+
+    def step(self) -> None:
+        self.opt.step()
+
+
+def _update_traffic(param_size: int) -> int:
+    # Read the parameter and the shadow, write the shadow.
+    return param_size + 2 * SHADOW_DTYPE.itemsize
+
+
+def _sgd_traffic(param_size: int) -> int:
+    # Read the parameter and its gradient, write the parameter.
+    return 3 * param_size
+
+
+def _step_traffic(param_size: int) -> int:
+    return _sgd_traffic(param_size) + _update_traffic(param_size)
+
+
+def _swap_traffic(param_size: int) -> int:
+    # Swapping in and swapping back each read and write both the parameter and the shadow.
+    return 4 * (param_size + SHADOW_DTYPE.itemsize)
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One benchmarked implementation.
+
+    ``traffic`` maps the parameter element size to the bytes an ideal implementation moves per parameter
+    element: the same figure for every contender of a kind, so GB/s compares times over equal work.
+    """
+
+    name: str
+    kind: str  # "update" | "step" | "swap": the method timed, and the benchmark group
+    factory: Callable[[Params, float], Any]
+    traffic: Callable[[int], int]
+    cuda_only: bool = False
+    warmup: str | None = None  # decay warmup, in EMAOptimizerWrapper's vocabulary
+
+    def build(self, params: Params, decay: float) -> tuple[Any, Callable[..., None]]:
+        """The implementation object and its timed method."""
+        impl = self.factory(params, decay)
+        return impl, getattr(impl, self.kind)
+
+    def bytes_moved(self, numel: int, param_size: int) -> int:
+        return numel * self.traffic(param_size)
+
+
+CONTENDERS = [
+    Contender("article_loop", "update", ArticleEma, _update_traffic),
+    Contender("litema_loop", "update", LitEma, _update_traffic, warmup="litema"),
+    Contender("foreach_lerp", "update", ForeachLerp, _update_traffic),
+    Contender("nemo_foreach", "update", NemoForeach, _update_traffic),
+    Contender("compile_foreach", "update", CompiledForeach, _update_traffic, cuda_only=True),
+    Contender(
+        "compile_foreach_ro",
+        "update",
+        functools.partial(CompiledForeach, mode="reduce-overhead"),
+        _update_traffic,
+        cuda_only=True,
+    ),
+    Contender("cuda_graph_lerp", "update", GraphedForeachLerp, _update_traffic, cuda_only=True),
+    Contender("wrapper_update", "update", Wrapper, _update_traffic),
+    Contender("sgd_step", "step", BareSGD, _sgd_traffic),
+    Contender("wrapper_step", "step", Wrapper, _step_traffic),
+    Contender("litema_swap", "swap", LitEma, _swap_traffic),
+    Contender("wrapper_swap", "swap", Wrapper, _swap_traffic),
+]
+# The contender every other one of its kind is compared with in the report.
+BASELINES = {"update": "foreach_lerp", "step": "sgd_step", "swap": "litema_swap"}

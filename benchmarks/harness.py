@@ -1,0 +1,139 @@
+"""Timing helpers: the copy-bandwidth ceiling, kernel-launch counts and the steady-state measurement."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+# 256 MiB a buffer on CPU, 2 GiB on GPU: far above any last-level cache, and well above the L2 of a GPU.
+_COPY_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
+# Calls before timing: compiled CUDA-graph trees record their graph on the second or third call.
+WARMUP_CALLS = 3
+# On GPU a timed round is several calls and one synchronize, so the ~10 us sync latency stays under 1%.
+_MIN_ROUND_S = 2e-3
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """What the report prints above the figures."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda or "none",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 20) -> float:
+    """GB/s of one large ``dst.copy_(src)``, counting the bytes read plus the bytes written."""
+    n = (nbytes or _COPY_BYTES[device.type]) // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n * 4 / statistics.median(times) / 1e9
+
+
+def count_launches(fn: Callable[[], None]) -> dict[str, int]:
+    """Host-side launch calls and device-side kernels of one call, from ``torch.profiler`` (CUDA only).
+
+    A replayed CUDA graph is one launch however many kernels it holds, hence both counts.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize()
+    launches = kernels = 0
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            if not event.name.startswith(("Memcpy", "Memset")):
+                kernels += 1
+        elif "LaunchKernel" in event.name or event.name.startswith(("cudaGraphLaunch", "cuGraphLaunch")):
+            launches += 1
+    return {"launches": launches, "kernels": kernels}
+
+
+def measure(
+    benchmark,
+    fn: Callable[[], None],
+    *,
+    device: torch.device,
+    bytes_moved: int,
+    copy_gbps: float,
+    setup_s: float,
+) -> None:
+    """Time ``fn`` in steady state with pytest-benchmark and record bandwidth figures in ``extra_info``.
+
+    The first call (autotuning, compilation, lazy allocation) is timed on its own and never enters the
+    steady-state statistics.
+    """
+    info = benchmark.extra_info
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    info["first_call_s"] = time.perf_counter() - start
+    info["setup_s"] = setup_s
+    for _ in range(WARMUP_CALLS):
+        fn()
+    synchronize(device)
+
+    calls = 1
+    if device.type == "cuda":
+        info.update(count_launches(fn))
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        calls = max(1, round(_MIN_ROUND_S / (time.perf_counter() - start)))
+
+    def round_() -> None:
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+
+    benchmark(round_)
+    info.update(bytes_moved=bytes_moved, calls_per_round=calls, copy_gbps=copy_gbps)
+    # benchmark.stats is None under --benchmark-disable, where the call above ran once, untimed.
+    if benchmark.stats is not None:
+        median = benchmark.stats.stats.median / calls
+        info["median_s"] = median
+        info["gbps"] = bytes_moved / median / 1e9
+        info["fraction_of_copy"] = info["gbps"] / copy_gbps

@@ -1,0 +1,192 @@
+"""Run the benchmark suites and write a Markdown table and a PNG plot of the figures.
+
+    python -m benchmarks.report [--workloads resnet50,gpt2] [--dtypes fp32,bf16] [--out DIR] [-- PYTEST_ARGS]
+
+Runs ``pytest benchmarks/ --benchmark-only`` with ``--benchmark-json`` into a temporary file, then writes
+``results.md`` and ``results.png`` to ``DIR`` (default ``benchmarks/results``). ``--json FILE`` renders an
+existing pytest-benchmark JSON file instead of running the suites.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from benchmarks.contenders import BASELINES
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results"
+KINDS = ("update", "step", "swap")
+# What "bytes moved" counts, per kind: the minimum traffic, the same for every contender of a group.
+TRAFFIC = {
+    "update": "read param + shadow, write shadow: 12 B/param fp32, 10 B/param bf16 (fp32 shadow)",
+    "step": "SGD reads param + grad and writes param; wrapper_step adds the update's traffic",
+    "swap": "in and out each read and write param + shadow: 32 B/param fp32, 24 B/param bf16",
+}
+# Options for a run that only checks that everything works (the smoke test): one timed round each.
+QUICK = ["--benchmark-min-rounds=1", "--benchmark-max-time=0", "--benchmark-warmup=off"]
+
+
+def run_suite(json_path: Path, pytest_args: list[str], env: dict[str, str]) -> None:
+    cmd = [sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "--benchmark-only", "-q"]
+    cmd += [f"--benchmark-json={json_path}", *pytest_args]
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+
+
+def rows(data: dict) -> list[dict]:
+    """One flat record per benchmark that ran, from pytest-benchmark's JSON."""
+    out = []
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        if "gbps" in info:
+            out.append({**info, "median_ms": info["median_s"] * 1e3})
+    return out
+
+
+def _groups(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in records:
+        groups[r["kind"], r["workload"]].append(r)
+    # Kinds in a fixed order, workloads in the order they ran (a stable sort keeps it).
+    return {key: groups[key] for key in sorted(groups, key=lambda k: KINDS.index(k[0]))}
+
+
+def render_markdown(data: dict) -> str:
+    env = data["machine_info"]["triton_ema"]
+    records = rows(data)
+    gpu = any("launches" in r for r in records)
+    lines = [
+        "# triton-ema benchmarks",
+        "",
+        f"- Device: {env['device']}",
+        f"- torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}",
+        f"- Date: {env['date']}",
+        f"- Copy bandwidth (one large `copy_`, read + write, same run): {env['copy_gbps']:.1f} GB/s",
+        "",
+        "GB/s is bytes moved per call over the median time; bytes moved is the minimum traffic of the "
+        "operation, the same for every contender of a table, so GB/s and speed compare times over equal work. "
+        "`of copy` is GB/s over the copy bandwidth; `speed` is the baseline's median time over this one's. "
+        "`first call` (compilation, autotuning, lazy allocation) and `setup` are never part of the median.",
+        "",
+    ]
+    for (kind, workload), group in _groups(records).items():
+        by_name = {r["contender"]: r for r in group}
+        baseline = by_name.get(BASELINES[kind])
+        lines += [
+            f"## {kind} {workload}",
+            "",
+            f"{group[0]['numel']:,} parameters; bytes moved: {TRAFFIC[kind]}.",
+            "",
+        ]
+        header = ["contender", "median ms", "MB moved", "GB/s", "of copy", f"speed vs {BASELINES[kind]}"]
+        header += ["launches", "kernels"] if gpu else []
+        header += ["first call ms", "setup ms"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for r in sorted(group, key=lambda r: r["median_ms"]):
+            speed = f"{baseline['median_ms'] / r['median_ms']:.2f}x" if baseline else "-"
+            cells = [
+                f"`{r['contender']}`",
+                f"{r['median_ms']:.3f}",
+                f"{r['bytes_moved'] / 1e6:.1f}",
+                f"{r['gbps']:.1f}",
+            ]
+            cells += [f"{r['fraction_of_copy']:.2f}", speed]
+            cells += [str(r.get("launches", "-")), str(r.get("kernels", "-"))] if gpu else []
+            cells += [f"{r['first_call_s'] * 1e3:.1f}", f"{r['setup_s'] * 1e3:.1f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(data: dict, path: Path) -> None:
+    """Horizontal bars of GB/s per contender, one panel per kind, the copy bandwidth as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    env = data["machine_info"]["triton_ema"]
+    copy = env["copy_gbps"]
+    legend = [
+        Patch(color="tab:orange", label="EMAOptimizerWrapper"),
+        Patch(color="tab:blue", label="baselines"),
+        Line2D([], [], color="black", linestyle="--", linewidth=1, label=f"copy_ {copy:.0f} GB/s"),
+    ]
+    groups = _groups(rows(data))
+    kinds = [k for k in KINDS if any(kind == k for kind, _ in groups)]
+    heights = [sum(len(g) + 1 for (kind, _), g in groups.items() if kind == k) for k in kinds]
+    fig, axes = plt.subplots(
+        len(kinds), 1, figsize=(10, 1.5 + 0.28 * sum(heights)), gridspec_kw={"height_ratios": heights}, squeeze=False
+    )
+    for ax, kind in zip(axes[:, 0], kinds, strict=True):
+        bars = []  # (y, label, GB/s, is ours)
+        y = 0
+        for (k, workload), group in groups.items():
+            if k != kind:
+                continue
+            for r in sorted(group, key=lambda r: -r["gbps"]):
+                bars.append((y, f"{workload}  {r['contender']}", r["gbps"], r["contender"].startswith("wrapper")))
+                y += 1
+            y += 1  # a gap between workloads
+        ys, labels, values, ours = zip(*bars, strict=True)
+        ax.barh(ys, values, color=["tab:orange" if o else "tab:blue" for o in ours])
+        ax.set_yticks(ys, labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(copy, color="black", linestyle="--", linewidth=1)
+        for t, v in zip(ys, values, strict=True):
+            ax.text(v, t, f" {v:.1f} GB/s ({v / copy:.2f} of copy)", va="center", fontsize=7)
+        ax.set_xlim(0, max(copy, *values) * 1.45)
+        ax.set_xlabel("GB/s (minimum bytes moved / median time)")
+        ax.set_title(f"{kind}: {TRAFFIC[kind]}", fontsize=9)
+        top = ax.secondary_xaxis("top", functions=(lambda x: x / copy, lambda f: f * copy))
+        top.set_xlabel("fraction of copy bandwidth", fontsize=8)
+        ax.legend(handles=legend, loc="lower right", fontsize=8)
+    fig.suptitle(f"triton-ema on {env['device']} - torch {env['torch']}, triton {env['triton']} - {env['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(data: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(render_markdown(data))
+    plot(data, out / "results.png")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", help="comma list (sets EMA_BENCH_WORKLOADS), e.g. resnet50,gpt2")
+    parser.add_argument("--dtypes", help="comma list (sets EMA_BENCH_DTYPES): fp32,bf16")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where results.md and results.png go")
+    parser.add_argument("--json", type=Path, help="render this pytest-benchmark JSON instead of running")
+    parser.add_argument("--quick", action="store_true", help="one timed round per benchmark (smoke runs)")
+    parser.add_argument("pytest_args", nargs="*", help="passed on to pytest (after --)")
+    args = parser.parse_args(argv)
+
+    if args.json is None:
+        # Never time Triton's interpreter, whatever the calling shell (or test session) set.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        if args.workloads:
+            env["EMA_BENCH_WORKLOADS"] = args.workloads
+        if args.dtypes:
+            env["EMA_BENCH_DTYPES"] = args.dtypes
+        with tempfile.TemporaryDirectory() as tmp:
+            json_path = Path(tmp) / "benchmarks.json"
+            run_suite(json_path, (QUICK if args.quick else []) + args.pytest_args, env)
+            data = json.loads(json_path.read_text())
+    else:
+        data = json.loads(args.json.read_text())
+    write(data, args.out)
+    print(f"wrote {args.out / 'results.md'} and {args.out / 'results.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The benchmarks cannot rot: every contender is checked against float64 on tiny shapes, and the suite and
+its report run end to end once (one timed round each, on the ``tiny`` workload)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from reference64 import Ema64, tol
+
+from benchmarks import shapes
+from benchmarks.contenders import CONTENDERS, LR, Contender, foreach_update_tensor_weight, fp32_shadows
+from benchmarks.workloads import make_workload
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# Far from 1, so that each update visibly moves the shadows.
+DECAY = 0.9
+DTYPES = ["fp32", "bf16"]
+
+
+def of_kind(kind: str) -> list:
+    return [
+        pytest.param(c, id=c.name, marks=pytest.mark.skipif(c.cuda_only and not CUDA, reason="needs CUDA"))
+        for c in CONTENDERS
+        if c.kind == kind
+    ]
+
+
+@torch.no_grad()
+def perturb_(params: list[torch.Tensor]) -> None:
+    for p in params:
+        p.copy_(torch.randn(p.shape, device=p.device))
+
+
+def assert_shadows_close(shadows: list[torch.Tensor], ema: Ema64, **tolerance) -> None:
+    for s, r in zip(shadows, ema.shadows, strict=True):
+        assert s.dtype == torch.float32
+        torch.testing.assert_close(s.double(), r, **(tolerance or tol(torch.float32)))
+
+
+@pytest.mark.parametrize(
+    ("arch", "tensors", "numel"),
+    [
+        ("resnet50", 161, 25_557_032),
+        ("vit_b16", 152, 86_567_656),
+        ("gpt2", 148, 124_439_808),
+        ("decoder_1p3b", 292, 1_315_723_264),
+    ],
+)
+def test_shapes_match_published_parameter_counts(arch, tensors, numel):
+    arch_shapes = shapes.ARCHITECTURES[arch]()
+    assert (len(arch_shapes), shapes.numel(arch_shapes)) == (tensors, numel)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("contender", of_kind("update"))
+def test_update_matches_float64(seed, contender: Contender, dtype):
+    w = make_workload("tiny", dtype, DEVICE, seed)
+    impl, update = contender.build(w.params, DECAY)
+    ema = Ema64(w.params, decay=DECAY, warmup=contender.warmup)
+    for _ in range(4):
+        perturb_(w.params)
+        update()
+        ema.step(w.params)
+    # The article's expression rounds (1 - decay) * m to the bf16 parameter's precision before adding it.
+    lossy = contender.name == "article_loop" and dtype == "bf16"
+    assert_shadows_close(impl.shadows, ema, **(tol(torch.bfloat16) if lossy else {}))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compiled_contenders_body_matches_float64(seed, dtype):
+    # What torch.compile compiles in the GPU-only contenders, run eagerly so that CPU runs check it too.
+    w = make_workload("tiny", dtype, DEVICE, seed)
+    shadows = fp32_shadows(w.params)
+    weight = torch.tensor(1 - DECAY, device=DEVICE)
+    ema = Ema64(w.params, decay=DECAY)
+    for _ in range(4):
+        perturb_(w.params)
+        with torch.no_grad():
+            foreach_update_tensor_weight(shadows, w.params, weight)
+        ema.step(w.params)
+    assert_shadows_close(shadows, ema)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("contender", of_kind("step"))
+def test_step_matches_float64(seed, contender: Contender, dtype):
+    w = make_workload("tiny", dtype, DEVICE, seed)
+    impl, step = contender.build(w.params, DECAY)
+    ema = Ema64(w.params, decay=DECAY)
+    for _ in range(3):
+        for p in w.params:
+            p.grad = torch.randn_like(p)
+        expected = [p.double() - LR * p.grad.double() for p in w.params]
+        step()
+        ema.step(w.params)
+        for p, e in zip(w.params, expected, strict=True):
+            torch.testing.assert_close(p.double(), e, **tol(p.dtype))
+    if hasattr(impl, "shadows"):
+        assert_shadows_close(impl.shadows, ema)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("contender", of_kind("swap"))
+def test_swap_shows_ema_and_restores_exactly(seed, contender: Contender, dtype):
+    w = make_workload("tiny", dtype, DEVICE, seed)
+    impl, swap = contender.build(w.params, DECAY)
+    # Parameters that differ from the shadows, so that a swap that does nothing fails.
+    perturb_(w.params)
+    params = [p.detach().clone() for p in w.params]
+    shadows = [s.clone() for s in impl.shadows]
+    seen: list[torch.Tensor] = []
+    swap(lambda: seen.extend(p.detach().clone() for p in w.params))
+    exact = {"atol": 0, "rtol": 0}
+    for inside, shadow, p in zip(seen, shadows, w.params, strict=True):
+        torch.testing.assert_close(inside, shadow.to(p.dtype), **exact)
+    torch.testing.assert_close(list(w.params), params, **exact)
+    torch.testing.assert_close(impl.shadows, shadows, **exact)
+
+
+def test_suite_and_report_run_end_to_end(tmp_path):
+    # The report strips TRITON_INTERPRET (set by conftest on CPU) from the suite's environment itself.
+    env = {**os.environ, "EMA_BENCH_WORKLOADS": "tiny"}
+    cmd = [sys.executable, "-m", "benchmarks.report", "--quick", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    table = (tmp_path / "results.md").read_text()
+    for c in CONTENDERS:
+        if CUDA or not c.cuda_only:
+            assert f"`{c.name}`" in table
+    assert (tmp_path / "results.png").stat().st_size > 10_000
