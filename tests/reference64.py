@@ -12,8 +12,17 @@ import torch
 from torch import Tensor
 
 
-def decay64(t: int, *, decay: float, warmup: str | None = None, gamma: float = 1.0, power: float = 2 / 3,
-            min_decay: float = 0.0, after: int = 0, every: int = 1) -> float | None:
+def decay64(
+    t: int,
+    *,
+    decay: float,
+    warmup: str | None = None,
+    gamma: float = 1.0,
+    power: float = 2 / 3,
+    min_decay: float = 0.0,
+    after: int = 0,
+    every: int = 1,
+) -> float | None:
     """The decay ``d`` of step ``t`` (1-based), 0.0 for a copy, or None when step ``t`` makes no update."""
     if t % every != 0:
         return None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from reference64 import decay64, poison_, tol
+
 from triton_ema.kernels import interpreting
 from triton_ema.kernels.ema_update import _update, ema_update
 from triton_ema.kernels.launch import INTERPRET_CONFIG
@@ -66,8 +66,13 @@ def test_copy_step_writes_every_element(seed, device, param_dtype):
     params = make_params(device, param_dtype)
     shadows = shadows_like(params, torch.float32)
     poison_(shadows)
-    ema_update(build_table(params, shadows), torch.tensor([1], device=device),
-               Schedule(update_after_step=3), param_dtype, torch.float32)
+    ema_update(
+        build_table(params, shadows),
+        torch.tensor([1], device=device),
+        Schedule(update_after_step=3),
+        param_dtype,
+        torch.float32,
+    )
     for s, p in zip(shadows, params):
         assert torch.equal(s, p.float())
 
@@ -77,8 +82,13 @@ def test_skipped_step_leaves_shadows_alone(seed, device):
     params = make_params(device, torch.float32)
     shadows = shadows_like(params, torch.float32)
     before = [s.clone() for s in shadows]
-    ema_update(build_table(params, shadows), torch.tensor([3], device=device),
-               Schedule(update_every=2), torch.float32, torch.float32)
+    ema_update(
+        build_table(params, shadows),
+        torch.tensor([3], device=device),
+        Schedule(update_every=2),
+        torch.float32,
+        torch.float32,
+    )
     assert all(torch.equal(s, b) for s, b in zip(shadows, before))
 
 
@@ -97,10 +107,8 @@ def test_weight_keeps_precision(device, schedule, t, weight):
     """``w`` must be accurate to fp32 resolution, not to ``1 - 0.9999`` evaluated in fp32 (1.7e-5 off)."""
     param = torch.ones(ENTRY, device=device)
     shadow = torch.zeros(ENTRY, device=device)
-    ema_update(build_table([param], [shadow]), torch.tensor([t], device=device), schedule,
-               torch.float32, torch.float32)
-    torch.testing.assert_close(shadow.double(), torch.full_like(shadow, weight, dtype=torch.float64),
-                               rtol=1e-6, atol=0)
+    ema_update(build_table([param], [shadow]), torch.tensor([t], device=device), schedule, torch.float32, torch.float32)
+    torch.testing.assert_close(shadow.double(), torch.full_like(shadow, weight, dtype=torch.float64), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -108,8 +116,13 @@ def test_many_tensors_one_table(seed, device):
     params = [torch.randn(int(n), device=device) for n in torch.randint(1, 300, (200,))]
     shadows = shadows_like(params, torch.float32)
     ref = apply64([s.double() for s in shadows], params, 0.9)
-    ema_update(build_table(params, shadows), torch.tensor([5], device=device), Schedule(decay=0.9),
-               torch.float32, torch.float32)
+    ema_update(
+        build_table(params, shadows),
+        torch.tensor([5], device=device),
+        Schedule(decay=0.9),
+        torch.float32,
+        torch.float32,
+    )
     for s, r in zip(shadows, ref):
         torch.testing.assert_close(s.double(), r, **tol(torch.float32))
 
@@ -118,8 +131,12 @@ def test_many_tensors_one_table(seed, device):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_swap_exchanges_bit_exactly(seed, device, dtype):
     a = make_params(device, dtype)
-    b = [torch.randn(x.shape, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
-         if x.dim() == 4 else torch.randn(x.shape, device=device).to(dtype) for x in a]
+    b = [
+        torch.randn(x.shape, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+        if x.dim() == 4
+        else torch.randn(x.shape, device=device).to(dtype)
+        for x in a
+    ]
     a0, b0 = [x.clone() for x in a], [x.clone() for x in b]
     table = build_table(a, b)
     swap_(table, dtype)
@@ -172,8 +189,11 @@ def test_loads_are_vectorised():
 
     params, shadows = [torch.randn(ENTRY, device="cuda")], [torch.randn(ENTRY, device="cuda")]
     table = build_table(params, shadows)
-    kwargs = {**_table_args(table, torch.float32, torch.float32), "step_ptr": torch.ones(1, dtype=torch.int64,
-              device="cuda"), **_schedule_args(Schedule())}
+    kwargs = {
+        **_table_args(table, torch.float32, torch.float32),
+        "step_ptr": torch.ones(1, dtype=torch.int64, device="cuda"),
+        **_schedule_args(Schedule()),
+    }
     compiled = _ema_update_kernel[(table.n_entries,)](**kwargs, BLOCK=1024, ENTRIES_PER_PROGRAM=1, num_warps=4)
     ptx = compiled.asm["ptx"]
     assert "ld.global.v4" in ptx or "ld.global.nc.v4" in ptx, triton.__version__

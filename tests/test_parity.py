@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from reference64 import Ema64, tol
 from torch import nn
 
-from reference64 import Ema64, tol
 from triton_ema import EMAOptimizerWrapper
 from triton_ema.kernels import interpreting
 
@@ -73,8 +73,7 @@ def test_plain_decay_equals_the_article_ema(seed, backend):
 def test_litema_warmup_equals_litema(seed, backend):
     model = make_model()
     lit = LitEmaPattern(model, decay=0.99)
-    opt = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.99, warmup="litema",
-                              backend=backend)
+    opt = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.99, warmup="litema", backend=backend)
     ref = Ema64(list(model.parameters()), decay=0.99, warmup="litema")
     for _ in range(300):  # past the point where (1 + u) / (10 + u) reaches the decay
         train_step(model, opt)
@@ -91,10 +90,24 @@ def test_litema_warmup_equals_litema(seed, backend):
 def test_power_warmup_equals_ema_pytorch(seed, backend, after):
     ema_pytorch = pytest.importorskip("ema_pytorch")
     model = make_model()
-    theirs = ema_pytorch.EMA(model, beta=0.999, update_after_step=after, update_every=1, power=0.75,
-                             inv_gamma=2.0, include_online_model=False)
-    opt = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.999, warmup="power",
-                              warmup_power=0.75, warmup_gamma=2.0, update_after_step=after, backend=backend)
+    theirs = ema_pytorch.EMA(
+        model,
+        beta=0.999,
+        update_after_step=after,
+        update_every=1,
+        power=0.75,
+        inv_gamma=2.0,
+        include_online_model=False,
+    )
+    opt = EMAOptimizerWrapper(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        decay=0.999,
+        warmup="power",
+        warmup_power=0.75,
+        warmup_gamma=2.0,
+        update_after_step=after,
+        backend=backend,
+    )
     for _ in range(30):
         train_step(model, opt)
         theirs.update()

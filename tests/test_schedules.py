@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from reference64 import Ema64, decay64, tol
+
 from triton_ema import EMAOptimizerWrapper, Schedule
 from triton_ema.kernels import interpreting
 

@@ -92,7 +92,9 @@ class Dispatcher:
                 "before triton is first imported, or use backend='torch'"
             )
         if p.dtype not in SUPPORTED_DTYPES or s.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"backend='triton' supports float32, bfloat16 and float16 tensors, got {p.dtype}/{s.dtype}")
+            raise ValueError(
+                f"backend='triton' supports float32, bfloat16 and float16 tensors, got {p.dtype}/{s.dtype}"
+            )
         # Layouts no kernel can walk (gaps or overlaps) take the torch path even here.
         return fits
 

@@ -174,8 +174,9 @@ def ema_update(
     def scratch() -> tuple[int, dict]:
         device = step.device
         n = table.bucket
-        scratch_table = build_table([torch.empty(n, dtype=param_dtype, device=device)],
-                                    [torch.zeros(n, dtype=shadow_dtype, device=device)])
+        scratch_table = build_table(
+            [torch.empty(n, dtype=param_dtype, device=device)], [torch.zeros(n, dtype=shadow_dtype, device=device)]
+        )
         scratch_kwargs = {**kwargs, **_table_args(scratch_table, param_dtype, shadow_dtype)}
         # Keep the live key: the scratch buffers stand in for this group's shape class.
         scratch_kwargs.update(SIZE_BUCKET=table.bucket, ALIGNED=table.aligned, step_ptr=torch.ones_like(step))
