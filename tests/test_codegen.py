@@ -1,0 +1,58 @@
+"""The kernels' generated code for an H100 (sm_90), compiled ahead of time: no GPU needed.
+
+Loads through a pointer table are scalar unless the kernel states the
+alignment; these tests check that full blocks of aligned tables compile to
+128-bit (v4) loads and stores, and that unaligned tables do not claim it.
+The compiler runs in a subprocess: this test session may have Triton's
+interpreter on, which replaces the kernels with Python functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+CASES = {
+    "update-fp32-aligned": ("update", "fp32", True),
+    "update-bf16-aligned": ("update", "bf16", True),
+    "update-fp32-unaligned": ("update", "fp32", False),
+    "update-bf16-unaligned": ("update", "bf16", False),
+    "swap-fp32": ("swap", "fp32", True),
+    "backup-bf16": ("backup", "bf16", True),
+}
+
+
+@pytest.fixture(scope="module")
+def ptx_ops() -> dict[str, list[str]]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("codegen_probe.py")), json.dumps(CASES)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][2]])
+def test_aligned_tables_get_128_bit_accesses(ptx_ops, case):
+    ops = set(ptx_ops[case])
+    assert "ld.global.v4.b32" in ops and "st.global.v4.b32" in ops, ops
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not CASES[c][2]])
+def test_unaligned_tables_stay_scalar(ptx_ops, case):
+    ops = set(ptx_ops[case])
+    assert not any(re.search(r"\.v[248]\.", op) for op in ops), ops
