@@ -302,3 +302,18 @@ def test_triton_backend_on_cpu_explains_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         EMAOptimizerWrapper(torch.optim.SGD(make_model().parameters(), lr=0.1), backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_replaced_parameter_storage_is_followed(seed, backend):
+    """``p.data = ...`` (as ``model.to()`` does) must not leave the EMA reading the old storage."""
+    p = nn.Parameter(torch.randn(50))
+    opt = EMAOptimizerWrapper(torch.optim.SGD([p], lr=0.1), decay=0.5, backend=backend)
+    opt.update_ema()
+    p.data = torch.full((50,), 3.0)
+    before = opt.ema_params()[0].clone()
+    opt.update_ema()
+    torch.testing.assert_close(opt.ema_params()[0], 0.5 * before + 1.5)
+    with opt.ema_weights():
+        torch.testing.assert_close(p.detach(), 0.5 * before + 1.5)
+    assert torch.equal(p.detach(), torch.full((50,), 3.0))

@@ -159,9 +159,12 @@ class EMAOptimizerWrapper(Optimizer):
 
     def _track(self, t: Tensor) -> Tensor:
         """Create ``t``'s shadow (a copy in the shadow dtype, same layout) and register the pair."""
-        local = _local(t.detach())
-        shadow = torch.empty_like(local, dtype=self._shadow_dtype(t))
-        shadow.copy_(local)
+        # The parameter object itself (not a detached alias), so that the group sees a later
+        # ``p.data = ...`` and rebuilds its table; a DTensor contributes its local shard.
+        local = _local(t)
+        shadow = torch.empty_like(local, dtype=self._shadow_dtype(t), requires_grad=False)
+        with torch.no_grad():
+            shadow.copy_(local)
         self._dispatch.add(local, shadow, self._step)
         return shadow
 
