@@ -317,3 +317,21 @@ def test_replaced_parameter_storage_is_followed(seed, backend):
     with opt.ema_weights():
         torch.testing.assert_close(p.detach(), 0.5 * before + 1.5)
     assert torch.equal(p.detach(), torch.full((50,), 3.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parameters_that_are_views_of_one_buffer(seed, backend):
+    flat = torch.randn(4 * 5 + 7 + 3)
+    a = nn.Parameter(flat[3:23].view(4, 5))  # offset views share the flat buffer, as flat-parameter schemes do
+    b = nn.Parameter(flat[23:30])
+    opt = EMAOptimizerWrapper(torch.optim.SGD([a, b], lr=0.1), decay=0.5, backend=backend)
+    assert a.data_ptr() == flat.data_ptr() + 3 * flat.element_size()
+    start = [a.detach().clone(), b.detach().clone()]
+    with torch.no_grad():
+        flat.add_(2.0)
+    opt.update_ema()
+    for s, s0, p in zip(opt.ema_params(), start, (a, b)):
+        torch.testing.assert_close(s, 0.5 * s0 + 0.5 * p.detach())
+    with opt.ema_weights():
+        torch.testing.assert_close(flat[3:23].view(4, 5), opt.ema_params()[0])
+    torch.testing.assert_close(a.detach(), start[0] + 2.0)

@@ -109,7 +109,7 @@ def _ema_update_kernel(
     if t % update_every == 0:
         w = _weight(t, min_weight, max_weight, warmup_gamma, warmup_power, update_after_step, WARMUP)
         pid = tl.program_id(0).to(tl.int64)
-        for i in tl.static_range(ENTRIES_PER_PROGRAM):
+        for i in range(ENTRIES_PER_PROGRAM):
             e = pid * ENTRIES_PER_PROGRAM + i
             if e < n_entries:
                 idx = tl.load(entry_tensor_ptr + e)
@@ -122,7 +122,7 @@ def _ema_update_kernel(
                     # hints every load and store would be scalar.
                     param_ptr = tl.multiple_of(param_ptr, 16)
                     shadow_ptr = tl.multiple_of(shadow_ptr, 16)
-                for off in tl.static_range(0, ENTRY, BLOCK):
+                for off in range(0, ENTRY, BLOCK):
                     offs = start + off + tl.arange(0, BLOCK)
                     if start + off + BLOCK <= n:
                         _ema_block(param_ptr, shadow_ptr, offs, n, w, SHADOW_DTYPE, MASKED=False)

@@ -60,7 +60,7 @@ def _swap_kernel(
     ENTRIES_PER_PROGRAM: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    for i in tl.static_range(ENTRIES_PER_PROGRAM):
+    for i in range(ENTRIES_PER_PROGRAM):
         e = pid * ENTRIES_PER_PROGRAM + i
         if e < n_entries:
             idx = tl.load(entry_tensor_ptr + e)
@@ -73,7 +73,7 @@ def _swap_kernel(
                 a_ptr = tl.multiple_of(a_ptr, 16)
                 b_ptr = tl.multiple_of(b_ptr, 16)
                 c_ptr = tl.multiple_of(c_ptr, 16)
-            for off in tl.static_range(0, ENTRY, BLOCK):
+            for off in range(0, ENTRY, BLOCK):
                 offs = start + off + tl.arange(0, BLOCK)
                 if start + off + BLOCK <= n:
                     _swap_block(a_ptr, b_ptr, c_ptr, offs, n, A_DTYPE, MODE, MASKED=False)
