@@ -14,13 +14,24 @@ import torch
 _COPY_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
 # Calls before timing: compiled CUDA-graph trees record their graph on the second or third call.
 WARMUP_CALLS = 3
-# On GPU a timed round is several calls and one synchronize, so the ~10 us sync latency stays under 1%.
-_MIN_ROUND_S = 2e-3
+# On GPU a timed round is several calls and one synchronize, so the ~10 us sync latency stays negligible.
+_MIN_ROUND_S = 10e-3
 
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def calls_per_round(fn: Callable[[], None], device: torch.device) -> int:
+    """How many calls of ``fn`` (already warm) to time between two synchronizes: 1 on CPU."""
+    if device.type != "cuda":
+        return 1
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return max(1, round(_MIN_ROUND_S / (time.perf_counter() - start)))
 
 
 def cpu_model() -> str:
@@ -63,13 +74,14 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    synchronize(device)
+    calls = calls_per_round(lambda: dst.copy_(src), device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        dst.copy_(src)
+        for _ in range(calls):
+            dst.copy_(src)
         synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / calls)
     return 2 * n * 4 / statistics.median(times) / 1e9
 
 
@@ -116,13 +128,9 @@ def measure(
         fn()
     synchronize(device)
 
-    calls = 1
     if device.type == "cuda":
         info.update(count_launches(fn))
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        calls = max(1, round(_MIN_ROUND_S / (time.perf_counter() - start)))
+    calls = calls_per_round(fn, device)
 
     def round_() -> None:
         for _ in range(calls):

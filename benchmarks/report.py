@@ -2,9 +2,10 @@
 
     python -m benchmarks.report [--workloads resnet50,gpt2] [--dtypes fp32,bf16] [--out DIR] [-- PYTEST_ARGS]
 
-Runs ``pytest benchmarks/ --benchmark-only`` with ``--benchmark-json`` into a temporary file, then writes
-``results.md`` and ``results.png`` to ``DIR`` (default ``benchmarks/results``). ``--json FILE`` renders an
-existing pytest-benchmark JSON file instead of running the suites.
+Runs ``pytest benchmarks/ --benchmark-only`` with ``--benchmark-json`` into a temporary file, then the
+interleaved side-by-side ratios (``python -m benchmarks.paired``) on the first workload, and writes
+``results.md``, ``results.png`` and the raw ``results.json`` to ``DIR`` (default ``benchmarks/results``).
+``--json DIR/results.json`` renders a previous run again without running anything.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+from benchmarks import workloads
 from benchmarks.contenders import BASELINES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,10 +35,25 @@ TRAFFIC = {
 QUICK = ["--benchmark-min-rounds=1", "--benchmark-max-time=0", "--benchmark-warmup=off"]
 
 
-def run_suite(json_path: Path, pytest_args: list[str], env: dict[str, str]) -> None:
-    cmd = [sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "--benchmark-only", "-q"]
-    cmd += [f"--benchmark-json={json_path}", *pytest_args]
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+def run_all(args: argparse.Namespace) -> dict:
+    """Run the suite and the paired ratios in subprocesses; their JSON, as ``{"suite": ..., "paired": ...}``."""
+    # Never time Triton's interpreter, whatever the calling shell (or test session) set.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if args.workloads:
+        env["EMA_BENCH_WORKLOADS"] = args.workloads
+    if args.dtypes:
+        env["EMA_BENCH_DTYPES"] = args.dtypes
+    specs = workloads.selected(env.get("EMA_BENCH_DEVICE") or workloads.default_device(), args.workloads, args.dtypes)
+    dtypes = ",".join(dict.fromkeys(dtype for _, dtype in specs))
+    with tempfile.TemporaryDirectory() as tmp:
+        suite, paired = Path(tmp) / "suite.json", Path(tmp) / "paired.json"
+        cmd = [sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "--benchmark-only", "-q"]
+        cmd += [f"--benchmark-json={suite}", *(QUICK if args.quick else []), *args.pytest_args]
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+        cmd = [sys.executable, "-m", "benchmarks.paired", "--workload", specs[0][0], "--dtypes", dtypes]
+        cmd += ["--rounds", "3" if args.quick else "21", "--json", str(paired)]
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+        return {"suite": json.loads(suite.read_text()), "paired": json.loads(paired.read_text())}
 
 
 def rows(data: dict) -> list[dict]:
@@ -57,9 +74,34 @@ def _groups(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return {key: groups[key] for key in sorted(groups, key=lambda k: KINDS.index(k[0]))}
 
 
+def render_paired(paired: dict) -> list[str]:
+    lines = [
+        "## Side by side: the update, interleaved",
+        "",
+        "Every update contender called once per round, in rotating order, over the same parameters, so that "
+        "load changing during the run hits all of them alike (`python -m benchmarks.paired`). "
+        "Ratios are of median times per call.",
+        "",
+    ]
+    for result in paired["results"]:
+        medians = result["median_s"]
+        wrapper = medians.get("wrapper_update")
+        lines += [f"### {result['workload']}, {result['rounds']} rounds", ""]
+        lines += ["| contender | median ms | time / wrapper_update |", "|---|---|---|"]
+        for name, t in sorted(medians.items(), key=lambda kv: kv[1]):
+            ratio = f"{t / wrapper:.2f}" if wrapper else "-"
+            lines.append(f"| `{name}` | {t * 1e3:.3f} | {ratio} |")
+        lines += ["", "| target (time ratio) | bound | measured | met |", "|---|---|---|---|"]
+        for t in result["targets"]:
+            lines.append(f"| {t['ratio']} | {t['target']} | {t['measured']:.2f} | {'yes' if t['met'] else 'NO'} |")
+        lines.append("")
+    return lines
+
+
 def render_markdown(data: dict) -> str:
-    env = data["machine_info"]["triton_ema"]
-    records = rows(data)
+    suite = data["suite"]
+    env = suite["machine_info"]["triton_ema"]
+    records = rows(suite)
     gpu = any("launches" in r for r in records)
     lines = [
         "# triton-ema benchmarks",
@@ -74,7 +116,15 @@ def render_markdown(data: dict) -> str:
         "`of copy` is GB/s over the copy bandwidth; `speed` is the baseline's median time over this one's. "
         "`first call` (compilation, autotuning, lazy allocation) and `setup` are never part of the median.",
         "",
+        *render_paired(data["paired"]),
     ]
+    if gpu:
+        lines += ["## GPU target: the wrapper's update at >= 0.90 of copy bandwidth", ""]
+        for r in records:
+            if r["contender"] == "wrapper_update":
+                met = "yes" if r["fraction_of_copy"] >= 0.90 else "NO"
+                lines.append(f"- {r['workload']}: {r['fraction_of_copy']:.2f} of copy: met: {met}")
+        lines.append("")
     for (kind, workload), group in _groups(records).items():
         by_name = {r["contender"]: r for r in group}
         baseline = by_name.get(BASELINES[kind])
@@ -157,8 +207,9 @@ def plot(data: dict, path: Path) -> None:
 
 def write(data: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(data, indent=1))
     (out / "results.md").write_text(render_markdown(data))
-    plot(data, out / "results.png")
+    plot(data["suite"], out / "results.png")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,26 +217,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workloads", help="comma list (sets EMA_BENCH_WORKLOADS), e.g. resnet50,gpt2")
     parser.add_argument("--dtypes", help="comma list (sets EMA_BENCH_DTYPES): fp32,bf16")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where results.md and results.png go")
-    parser.add_argument("--json", type=Path, help="render this pytest-benchmark JSON instead of running")
+    parser.add_argument("--json", type=Path, help="render this results.json of a previous run instead of running")
     parser.add_argument("--quick", action="store_true", help="one timed round per benchmark (smoke runs)")
     parser.add_argument("pytest_args", nargs="*", help="passed on to pytest (after --)")
     args = parser.parse_args(argv)
 
-    if args.json is None:
-        # Never time Triton's interpreter, whatever the calling shell (or test session) set.
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        if args.workloads:
-            env["EMA_BENCH_WORKLOADS"] = args.workloads
-        if args.dtypes:
-            env["EMA_BENCH_DTYPES"] = args.dtypes
-        with tempfile.TemporaryDirectory() as tmp:
-            json_path = Path(tmp) / "benchmarks.json"
-            run_suite(json_path, (QUICK if args.quick else []) + args.pytest_args, env)
-            data = json.loads(json_path.read_text())
-    else:
-        data = json.loads(args.json.read_text())
+    data = run_all(args) if args.json is None else json.loads(args.json.read_text())
     write(data, args.out)
-    print(f"wrote {args.out / 'results.md'} and {args.out / 'results.png'}")
+    print(f"wrote results.md, results.png and results.json to {args.out}")
 
 
 if __name__ == "__main__":

@@ -135,3 +135,4 @@ def test_suite_and_report_run_end_to_end(tmp_path):
         if CUDA or not c.cuda_only:
             assert f"`{c.name}`" in table
     assert (tmp_path / "results.png").stat().st_size > 10_000
+    assert "## Side by side" in table
