@@ -335,3 +335,37 @@ def test_parameters_that_are_views_of_one_buffer(seed, backend):
     with opt.ema_weights():
         torch.testing.assert_close(flat[3:23].view(4, 5), opt.ema_params()[0])
     torch.testing.assert_close(a.detach(), start[0] + 2.0)
+
+
+def test_ema_device_on_the_parameters_device_is_plain(seed):
+    model = make_model()
+    opt = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.9, ema_device="cpu")
+    plain = EMAOptimizerWrapper(torch.optim.SGD(make_model().parameters(), lr=0.1), decay=0.9)
+    assert "ema_device=cpu" in repr(opt) and len(opt._dispatch.groups) == len(plain._dispatch.groups)
+
+
+def test_ema_device_other_than_cpu_is_refused():
+    with pytest.raises(ValueError, match="ema_device=meta"):
+        EMAOptimizerWrapper(torch.optim.SGD(make_model().parameters(), lr=0.1), ema_device="meta")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("param_dtype", PARAM_DTYPES)
+def test_cpu_offload_matches_on_device_ema(seed, param_dtype):
+    model = make_model(param_dtype).cuda()
+    twin = make_model(param_dtype).cuda()
+    twin.load_state_dict(model.state_dict())
+    config = {"decay": 0.9, "warmup": "litema"}
+    opt = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), ema_device="cpu", **config)
+    ref = EMAOptimizerWrapper(torch.optim.SGD(twin.parameters(), lr=0.1), **config)
+    data = [torch.randn(2, 3, 6, 6, dtype=param_dtype, device="cuda") for _ in range(6)]
+    train(model, opt, 6, data)
+    train(twin, ref, 6, data)
+    for s, r in zip(opt.ema_params(), ref.ema_params()):
+        assert s.device.type == "cpu" and s.is_pinned()
+        torch.testing.assert_close(s, r.cpu(), rtol=1e-6, atol=1e-6)
+    trained = [p.detach().clone() for p in model.parameters()]
+    with opt.ema_weights():
+        for p, s in zip(model.parameters(), opt.ema_params()):
+            assert torch.equal(p.cpu(), s.to(param_dtype))
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))

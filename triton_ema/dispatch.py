@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -65,13 +66,68 @@ class Group:
         return self._table
 
 
+class OffloadedGroup(Group):
+    """CUDA parameters whose shadows live in pinned host memory (``ema_device="cpu"``).
+
+    An update records an event on the training stream, copies the parameters
+    into pinned staging buffers on a side stream, and lets a worker thread
+    run the foreach update on the CPU once the copy has landed. Neither the
+    training stream nor the Python thread waits for it; the next optimizer
+    step only makes the training stream wait (on the GPU) until the copy has
+    read the parameters, and anything that reads the shadows joins the worker
+    first. The weight comes from the host's step count, so this path is not
+    for CUDA graphs.
+    """
+
+    def __init__(self, device: torch.device, param_dtype: torch.dtype, shadow_dtype: torch.dtype) -> None:
+        super().__init__(device, param_dtype, shadow_dtype, use_triton=False)
+        self.staging: list[Tensor] = []
+        self._stream = torch.cuda.Stream(device)
+        self._copied: torch.cuda.Event | None = None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triton-ema-offload")
+        self._pending: Future | None = None
+
+    def add(self, param: Tensor, shadow: Tensor) -> None:
+        self.params.append(param)
+        self.shadows.append(shadow)
+        self.staging.append(torch.empty_like(shadow, dtype=param.dtype).pin_memory())
+
+    def update(self, weight: float) -> None:
+        self.join()
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            for buf, p in zip(self.staging, self.params):
+                buf.copy_(p, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record(self._stream)
+        copied = self._copied
+
+        def cpu_update() -> None:
+            copied.synchronize()
+            reference.ema_update_(self.staging, self.shadows, weight)
+
+        self._pending = self._worker.submit(cpu_update)
+
+    def before_step(self) -> None:
+        """Keep the next optimizer step from writing parameters the side stream is still reading."""
+        if self._copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._copied)
+            self._copied = None
+
+    def join(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+
 class Dispatcher:
     """Runs the update and the swap over all groups: one kernel launch per Triton group."""
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, ema_device: torch.device | None = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"Unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
         self.backend = backend
+        self.ema_device = ema_device
         self.groups: dict[tuple, Group] = {}
         self.counters: dict[torch.device, Tensor] = {}
         self._backups: list[tuple[Group, object]] | None = None
@@ -98,8 +154,24 @@ class Dispatcher:
         # Layouts no kernel can walk (gaps or overlaps) take the torch path even here.
         return fits
 
-    def add(self, param: Tensor, shadow: Tensor, step: int) -> None:
-        """Track a (local parameter, local shadow) pair. ``step`` seeds a new device counter."""
+    def offloaded(self, param: Tensor) -> bool:
+        return self.ema_device is not None and self.ema_device != param.device
+
+    def add(self, param: Tensor, shadow_dtype: torch.dtype, step: int) -> Tensor:
+        """Track a local parameter and return its new shadow. ``step`` seeds a new device counter."""
+        if self.offloaded(param):
+            if param.device.type != "cuda" or self.ema_device.type != "cpu":
+                raise ValueError(f"ema_device={self.ema_device} is supported for CUDA parameters only, as 'cpu'")
+            shadow = torch.empty_strided(param.shape, param.stride(), dtype=shadow_dtype, pin_memory=True)
+            shadow.copy_(param)
+            key = (param.device, param.dtype, shadow_dtype, "offload")
+            group = self.groups.get(key)
+            if group is None:
+                group = self.groups[key] = OffloadedGroup(param.device, param.dtype, shadow_dtype)
+            group.add(param, shadow)
+            return shadow
+        shadow = torch.empty_like(param, dtype=shadow_dtype, requires_grad=False)
+        shadow.copy_(param)
         use_triton = self._use_triton(param, shadow)
         key = (param.device, param.dtype, shadow.dtype, use_triton)
         group = self.groups.get(key)
@@ -110,6 +182,18 @@ class Dispatcher:
         group._ptrs = None
         if use_triton and param.device not in self.counters:
             self.counters[param.device] = torch.full((1,), step, dtype=torch.int64, device=param.device)
+        return shadow
+
+    def before_step(self) -> None:
+        for g in self.groups.values():
+            if isinstance(g, OffloadedGroup):
+                g.before_step()
+
+    def join(self) -> None:
+        """Wait for offloaded updates still running, before anything reads or writes the shadows."""
+        for g in self.groups.values():
+            if isinstance(g, OffloadedGroup):
+                g.join()
 
     @torch.no_grad()
     def update(self, step: int, schedule: Schedule) -> None:
@@ -118,7 +202,10 @@ class Dispatcher:
             counter.add_(1)
         weight = schedule.weight(step)
         for g in self.groups.values():
-            if g.use_triton:
+            if isinstance(g, OffloadedGroup):
+                if weight is not None:
+                    g.update(weight)
+            elif g.use_triton:
                 ema_update, _ = _kernels()
                 ema_update.ema_update(g.table(), self.counters[g.device], schedule, g.param_dtype, g.shadow_dtype)
             elif weight is not None:
@@ -140,16 +227,18 @@ class Dispatcher:
 
     def ema_holder(self, group: Group) -> list[Tensor]:
         """The tensors that hold the EMA right now: the params while an equal-dtype swap is in."""
-        if self.swapped and group.param_dtype == group.shadow_dtype:
+        self.join()
+        if self.swapped and group.param_dtype == group.shadow_dtype and not isinstance(group, OffloadedGroup):
             return group.params
         return group.shadows
 
     @torch.no_grad()
     def swap_in(self) -> None:
+        self.join()
         backups: list[tuple[Group, object]] = []
         self._backups = backups
         for g in self.groups.values():
-            if g.param_dtype == g.shadow_dtype:
+            if g.param_dtype == g.shadow_dtype and not isinstance(g, OffloadedGroup):
                 if g.use_triton:
                     _kernels()[1].swap_(g.table(), g.param_dtype)
                 else:

@@ -77,6 +77,10 @@ class EMAOptimizerWrapper(Optimizer):
             BatchNorm statistics): floating ones are averaged like parameters,
             the others copied on each update; all are swapped by
             :meth:`ema_weights`. Default: none, the parameters only.
+        ema_device: ``"cpu"`` keeps the shadows of CUDA parameters in pinned host
+            memory, updated by a worker thread after an asynchronous copy, so the
+            training stream never waits for the EMA (not for CUDA graphs).
+            Default: the parameter's device.
 
     .. note::
         A bf16 or fp16 parameter gets an fp32 shadow by default: with
@@ -110,6 +114,7 @@ class EMAOptimizerWrapper(Optimizer):
         ema_dtype: torch.dtype | None = torch.float32,
         backend: str = "auto",
         buffers: Iterable[Tensor] | None = None,
+        ema_device: torch.device | str | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -145,7 +150,7 @@ class EMAOptimizerWrapper(Optimizer):
         self._step = 0
         self._params: list[Tensor] = []
         self._shadows: list[Tensor] = []
-        self._dispatch = Dispatcher(backend)
+        self._dispatch = Dispatcher(backend, torch.device(ema_device) if ema_device is not None else None)
         self._buffers = buffers
         self._float_buffers = [b for b in buffers if b.is_floating_point()]
         self._other_buffers = [b for b in buffers if not b.is_floating_point()]
@@ -161,12 +166,8 @@ class EMAOptimizerWrapper(Optimizer):
         """Create ``t``'s shadow (a copy in the shadow dtype, same layout) and register the pair."""
         # The parameter object itself (not a detached alias), so that the group sees a later
         # ``p.data = ...`` and rebuilds its table; a DTensor contributes its local shard.
-        local = _local(t)
-        shadow = torch.empty_like(local, dtype=self._shadow_dtype(t), requires_grad=False)
         with torch.no_grad():
-            shadow.copy_(local)
-        self._dispatch.add(local, shadow, self._step)
-        return shadow
+            return self._dispatch.add(_local(t), self._shadow_dtype(t), self._step)
 
     def _track_new_params(self) -> None:
         params = [p for group in self.param_groups for p in group["params"]]
@@ -191,6 +192,7 @@ class EMAOptimizerWrapper(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take a step of the wrapped optimizer, then update the EMA. Returns what the inner step returns."""
         self._check_not_swapped("step")
+        self._dispatch.before_step()
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         self.update_ema()
         return loss
@@ -256,6 +258,7 @@ class EMAOptimizerWrapper(Optimizer):
     def copy_ema_to_params(self) -> None:
         """Write the EMA into the parameters (and buffers) for good, e.g. before exporting the model."""
         self._check_not_swapped("copy_ema_to_params")
+        self._dispatch.join()
         for g in self._dispatch.groups.values():
             torch._foreach_copy_(g.params, g.shadows)
         if self._other_buffers:
@@ -327,6 +330,7 @@ class EMAOptimizerWrapper(Optimizer):
         self._validate(state_dict, ema)
         schedule = Schedule(**ema["schedule"])
 
+        self._dispatch.join()
         self.optimizer.load_state_dict(state_dict)
         with torch.no_grad():
             targets = self._shadows + self._buffer_shadows + self._other_buffer_shadows
@@ -386,5 +390,6 @@ class EMAOptimizerWrapper(Optimizer):
         return (
             f"{type(self).__name__}(decay={s.decay}, warmup={s.warmup!r}, min_decay={s.min_decay}, "
             f"update_after_step={s.update_after_step}, update_every={s.update_every}, "
-            f"ema_dtype={self.ema_dtype}, backend={self.backend!r}, steps={self._step})(\n{inner}\n)"
+            f"ema_dtype={self.ema_dtype}, backend={self.backend!r}, ema_device={self._dispatch.ema_device}, "
+            f"steps={self._step})(\n{inner}\n)"
         )
