@@ -276,17 +276,18 @@ class EMAOptimizerWrapper(Optimizer):
         """
         if self._dispatch.swapped:
             raise RuntimeError("ema_weights() is already active; it does not nest")
+        from triton_ema.reference import swap_
+
+        buffers_swapped = False
         try:
             self._dispatch.swap_in()
             if self._other_buffers:
-                from triton_ema.reference import swap_
-
                 swap_(self._other_buffers, self._other_buffer_shadows)
+                buffers_swapped = True
             yield self
         finally:
-            if self._other_buffers:
-                from triton_ema.reference import swap_
-
+            # Undo exactly what was done, also when the swap itself failed part-way.
+            if buffers_swapped:
                 swap_(self._other_buffers, self._other_buffer_shadows)
             self._dispatch.swap_out()
 
