@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -59,8 +60,11 @@ def environment(device: torch.device) -> dict[str, str]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
     return {
         "device": device_name(device),
+        # CPU timings on a shared machine depend on what else runs: say how busy it was.
+        "load": f"{load} (1, 5, 15 min) on {os.cpu_count()} CPUs",
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda or "none",

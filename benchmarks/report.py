@@ -43,7 +43,7 @@ def run_all(args: argparse.Namespace) -> dict:
         env["EMA_BENCH_WORKLOADS"] = args.workloads
     if args.dtypes:
         env["EMA_BENCH_DTYPES"] = args.dtypes
-    specs = workloads.selected(env.get("EMA_BENCH_DEVICE") or workloads.default_device(), args.workloads, args.dtypes)
+    specs = workloads.selected(workloads.default_device(), args.workloads, args.dtypes)
     dtypes = ",".join(dict.fromkeys(dtype for _, dtype in specs))
     with tempfile.TemporaryDirectory() as tmp:
         suite, paired = Path(tmp) / "suite.json", Path(tmp) / "paired.json"
@@ -80,7 +80,7 @@ def render_paired(paired: dict) -> list[str]:
         "",
         "Every update contender called once per round, in rotating order, over the same parameters, so that "
         "load changing during the run hits all of them alike (`python -m benchmarks.paired`). "
-        "Ratios are of median times per call.",
+        f"Ratios are of median times per call. Load average at the end: {paired['environment']['load']}.",
         "",
     ]
     for result in paired["results"]:
@@ -108,7 +108,7 @@ def render_markdown(data: dict) -> str:
         "",
         f"- Device: {env['device']}",
         f"- torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}",
-        f"- Date: {env['date']}",
+        f"- Date: {env['date']}; load average at the end of the suite: {env['load']}",
         f"- Copy bandwidth (one large `copy_`, read + write, same run): {env['copy_gbps']:.1f} GB/s",
         "",
         "GB/s is bytes moved per call over the median time; bytes moved is the minimum traffic of the "
