@@ -12,10 +12,8 @@ import pytest
 import torch
 
 from benchmarks import harness
-from benchmarks.contenders import CONTENDERS, Contender
+from benchmarks.contenders import CONTENDERS, DECAY, Contender
 from benchmarks.workloads import Workload
-
-DECAY = 0.9999
 
 
 @pytest.mark.parametrize("contender", CONTENDERS, ids=lambda c: c.name)
@@ -28,7 +26,7 @@ def test_ema(benchmark, workload: Workload, contender: Contender, copy_gbps: flo
         kind=contender.kind, workload=workload.label, contender=contender.name, numel=workload.numel
     )
     start = time.perf_counter()
-    _, fn = contender.build(workload.params, DECAY)
+    impl, fn = contender.build(workload.params, DECAY)
     harness.synchronize(device)
     try:
         harness.measure(
@@ -40,7 +38,7 @@ def test_ema(benchmark, workload: Workload, contender: Contender, copy_gbps: flo
             setup_s=time.perf_counter() - start,
         )
     finally:
-        del fn
+        del impl, fn
         # Compiled CUDA-graph trees keep their inputs and memory pool alive; with 1.3B parameters two
         # contenders' leftovers would not fit beside the next one.
         torch._dynamo.reset()

@@ -20,6 +20,8 @@ from benchmarks.workloads import SHADOW_DTYPE
 from triton_ema import EMAOptimizerWrapper
 
 Params = list[torch.Tensor]
+# The benchmarks' decay: the common default (timm, LitEma, the article).
+DECAY = 0.9999
 # Small, so that thousands of benchmark steps leave the parameters finite.
 LR = 1e-3
 

@@ -24,6 +24,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def warm_up(fn: Callable[[], None], device: torch.device) -> float:
+    """Call ``fn`` until it is in steady state; returns the seconds of the first call, which pays for
+    compilation, autotuning and lazy allocation."""
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    first = time.perf_counter() - start
+    for _ in range(WARMUP_CALLS):
+        fn()
+    synchronize(device)
+    return first
+
+
 def calls_per_round(fn: Callable[[], None], device: torch.device) -> int:
     """How many calls of ``fn`` (already warm) to time between two synchronizes: 1 on CPU."""
     if device.type != "cuda":
@@ -123,15 +136,8 @@ def measure(
     steady-state statistics.
     """
     info = benchmark.extra_info
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    info["first_call_s"] = time.perf_counter() - start
+    info["first_call_s"] = warm_up(fn, device)
     info["setup_s"] = setup_s
-    for _ in range(WARMUP_CALLS):
-        fn()
-    synchronize(device)
-
     if device.type == "cuda":
         info.update(count_launches(fn))
     calls = calls_per_round(fn, device)

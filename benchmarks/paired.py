@@ -19,9 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import harness, workloads
-from benchmarks.contenders import CONTENDERS
-
-DECAY = 0.9999
+from benchmarks.contenders import CONTENDERS, DECAY
 
 
 def targets(device_type: str, dtype: str) -> list[tuple[str, str, str, float]]:
@@ -53,8 +51,7 @@ def paired_medians(workload: workloads.Workload, rounds: int) -> dict[str, float
         if c.kind == "update" and (device.type == "cuda" or not c.cuda_only):
             _, fn = c.build(workload.params, DECAY)
             # Compilation, autotuning and graph recording happen here, outside the timed rounds.
-            for _ in range(1 + harness.WARMUP_CALLS):
-                fn()
+            harness.warm_up(fn, device)
             fns[c.name] = (fn, harness.calls_per_round(fn, device))
     times: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
