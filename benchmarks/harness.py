@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -121,6 +122,17 @@ def count_launches(fn: Callable[[], None]) -> dict[str, int]:
     return {"launches": launches, "kernels": kernels}
 
 
+def count_page_faults(fn: Callable[[], None]) -> int:
+    """Minor page faults of one call (CPU): fresh allocations the allocator has to take from the kernel.
+
+    A call that allocates large temporaries can fault on every page of them, each fault costing more than
+    the memory traffic it precedes; this count is what tells that apart from a slow kernel.
+    """
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
 def measure(
     benchmark,
     fn: Callable[[], None],
@@ -140,6 +152,8 @@ def measure(
     info["setup_s"] = setup_s
     if device.type == "cuda":
         info.update(count_launches(fn))
+    else:
+        info["page_faults"] = count_page_faults(fn)
     calls = calls_per_round(fn, device)
 
     def round_() -> None:

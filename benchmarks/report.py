@@ -114,7 +114,8 @@ def render_markdown(data: dict) -> str:
         "GB/s is bytes moved per call over the median time; bytes moved is the minimum traffic of the "
         "operation, the same for every contender of a table, so GB/s and speed compare times over equal work. "
         "`of copy` is GB/s over the copy bandwidth; `speed` is the baseline's median time over this one's. "
-        "`first call` (compilation, autotuning, lazy allocation) and `setup` are never part of the median.",
+        "`first call` (compilation, autotuning, lazy allocation) and `setup` are never part of the median. "
+        "`page faults` (CPU) are the minor faults of one steady-state call: fresh memory taken from the kernel.",
         "",
         *render_paired(data["paired"]),
     ]
@@ -135,7 +136,7 @@ def render_markdown(data: dict) -> str:
             "",
         ]
         header = ["contender", "median ms", "MB moved", "GB/s", "of copy", f"speed vs {BASELINES[kind]}"]
-        header += ["launches", "kernels"] if gpu else []
+        header += ["launches", "kernels"] if gpu else ["page faults"]
         header += ["first call ms", "setup ms"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in sorted(group, key=lambda r: r["median_ms"]):
@@ -147,7 +148,7 @@ def render_markdown(data: dict) -> str:
                 f"{r['gbps']:.1f}",
             ]
             cells += [f"{r['fraction_of_copy']:.2f}", speed]
-            cells += [str(r.get("launches", "-")), str(r.get("kernels", "-"))] if gpu else []
+            cells += [str(r.get("launches", "-")), str(r.get("kernels", "-"))] if gpu else [str(r["page_faults"])]
             cells += [f"{r['first_call_s'] * 1e3:.1f}", f"{r['setup_s'] * 1e3:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
