@@ -35,7 +35,7 @@ def fp32_shadows(params: Params) -> Params:
 
 
 class ArticleEma:
-    """The founding article's ``EMA`` class (timm ``ModelEmaV2``): one fused expression per tensor.
+    """The founding article's ``EMA`` class (timm ``ModelEmaV2``): one Python expression per tensor.
 
     ``decay * e + (1 - decay) * m`` allocates three temporaries per tensor and launches four kernels.
     """
