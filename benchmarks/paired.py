@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -43,8 +44,9 @@ def check_targets(medians: dict[str, float], device_type: str, dtype: str) -> li
     return out
 
 
-def paired_medians(workload: workloads.Workload, rounds: int) -> dict[str, float]:
-    """Median seconds per call of every available update contender over ``workload``'s parameters."""
+def paired_medians(workload: workloads.Workload, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per call of every available update contender over ``workload``'s parameters, and on
+    CPU the median minor page faults per call (empty on GPU)."""
     device = workload.device
     fns = {}
     for c in CONTENDERS:
@@ -54,17 +56,24 @@ def paired_medians(workload: workloads.Workload, rounds: int) -> dict[str, float
             harness.warm_up(fn, device)
             fns[c.name] = (fn, harness.calls_per_round(fn, device))
     times: dict[str, list[float]] = {name: [] for name in fns}
+    faults: dict[str, list[int]] = {name: [] for name in fns}
     names = list(fns)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             fn, calls = fns[name]
             harness.synchronize(device)
+            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             for _ in range(calls):
                 fn()
             harness.synchronize(device)
             times[name].append((time.perf_counter() - start) / calls)
-    return {name: statistics.median(t) for name, t in times.items()}
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    # Faults are a CPU diagnostic: on GPU they would count host-side noise, not the update.
+    if device.type == "cuda":
+        return medians, {}
+    return medians, {name: statistics.median(f) for name, f in faults.items()}
 
 
 def run(arch: str, dtypes: list[str], rounds: int) -> dict:
@@ -74,12 +83,13 @@ def run(arch: str, dtypes: list[str], rounds: int) -> dict:
     results = []
     for dtype in dtypes:
         workload = workloads.make_workload(arch, dtype, device)
-        medians = paired_medians(workload, rounds)
+        medians, faults = paired_medians(workload, rounds)
         results.append(
             {
                 "workload": workload.label,
                 "rounds": rounds,
                 "median_s": medians,
+                "page_faults": faults,
                 "targets": check_targets(medians, device.type, dtype),
             }
         )

@@ -87,10 +87,13 @@ def render_paired(paired: dict) -> list[str]:
         medians = result["median_s"]
         wrapper = medians.get("wrapper_update")
         lines += [f"### {result['workload']}, {result['rounds']} rounds", ""]
-        lines += ["| contender | median ms | time / wrapper_update |", "|---|---|---|"]
+        faults = result.get("page_faults") or {}
+        header = ["contender", "median ms", "time / wrapper_update"] + (["page faults"] if faults else [])
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for name, t in sorted(medians.items(), key=lambda kv: kv[1]):
-            ratio = f"{t / wrapper:.2f}" if wrapper else "-"
-            lines.append(f"| `{name}` | {t * 1e3:.3f} | {ratio} |")
+            cells = [f"`{name}`", f"{t * 1e3:.3f}", f"{t / wrapper:.2f}" if wrapper else "-"]
+            cells += [f"{faults[name]:.0f}"] if faults else []
+            lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "| target (time ratio) | bound | measured | met |", "|---|---|---|---|"]
         for t in result["targets"]:
             lines.append(f"| {t['ratio']} | {t['target']} | {t['measured']:.2f} | {'yes' if t['met'] else 'NO'} |")
