@@ -44,7 +44,7 @@ class Regressor(L.LightningModule):
         self.fail_on_val = fail_on_val
         self.val_calls = 0
         # The weights each evaluation step saw, to compare with the shadows.
-        self.seen: dict[str, list[list[torch.Tensor]]] = {"val": [], "test": []}
+        self.seen: dict[str, list[list[torch.Tensor]]] = {"val": [], "test": [], "predict": []}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -66,6 +66,10 @@ class Regressor(L.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.seen["predict"].append([p.detach().clone() for p in self.parameters()])
+        return self(batch[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         adam = torch.optim.Adam(self.parameters(), lr=0.05)
@@ -230,7 +234,7 @@ def test_test_after_fit_and_from_checkpoint_use_matching_ema(tmp_path):
     train_loader, val_loader = loaders()
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path, filename="epoch1", save_on_train_epoch_end=False)
     model = Regressor()
-    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[EMACallback(), ckpt_cb])
+    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[EMACallback(predict=True), ckpt_cb])
     trainer.fit(model, train_loader, val_loader)
     ema_1 = clone(trainer.optimizers[0].ema_params())
     trained_1 = clone(model.parameters())
@@ -238,6 +242,9 @@ def test_test_after_fit_and_from_checkpoint_use_matching_ema(tmp_path):
     # Same trainer, current weights: the live wrapper's EMA, and the trained weights back afterwards.
     trainer.test(model, val_loader, verbose=False)
     assert_equal(model.seen["test"][-1], ema_1)
+    assert_equal(list(model.parameters()), trained_1)
+    trainer.predict(model, val_loader)
+    assert_equal(model.seen["predict"][-1], ema_1)
     assert_equal(list(model.parameters()), trained_1)
 
     # A fresh trainer and model: weights and EMA both come from the checkpoint.
@@ -269,3 +276,21 @@ def test_plain_optimizer_warns_and_validates_raw_weights(tmp_path):
     with pytest.warns(UserWarning, match="no EMAOptimizerWrapper"):
         trainer.fit(model, *loaders())
     assert_equal(model.seen["val"][-1], list(model.parameters()))
+
+
+def test_optimizers_found_in_every_configure_optimizers_form():
+    from triton_ema.lightning import _optimizers_in
+
+    p = nn.Parameter(torch.zeros(1))
+    a, b = torch.optim.SGD([p], lr=0.1), EMAOptimizerWrapper(torch.optim.SGD([p], lr=0.1), decay=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(a, 1)
+    forms = [
+        (b, [b]),
+        ([a, b], [a, b]),
+        (([a, b], [sched]), [a, b]),
+        ({"optimizer": b, "lr_scheduler": {"scheduler": sched, "interval": "step"}}, [b]),
+        ([{"optimizer": a, "lr_scheduler": sched}, {"optimizer": b}], [a, b]),
+        (None, []),
+    ]
+    for config, expected in forms:
+        assert list(_optimizers_in(config)) == expected
