@@ -102,13 +102,6 @@ def test_wrapper_steps_a_compiled_model(seed):
     torch.testing.assert_close(opt.ema_buffers(), eager_opt.ema_buffers())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="core: dynamo drops attribute mutations on torch.optim.Optimizer objects (pytorch/pytorch#171590 "
-    "family), so update_ema's `self._step += 1` is lost when opt.step() runs inside a compiled function; "
-    "fixed by running update_ema eagerly (@torch.compiler.disable). Remove this mark with that fix.",
-)
 def test_compiled_training_step_including_wrapper_step(seed):
     eager = make_model()
     model = copy.deepcopy(eager)

@@ -197,6 +197,9 @@ class EMAOptimizerWrapper(Optimizer):
         self.update_ema()
         return loss
 
+    # Runs eagerly even when step() is traced by torch.compile: dynamo would drop the
+    # step-count mutation on the optimizer object, and the kernels launch on their own.
+    @torch.compiler.disable
     @torch.no_grad()
     def update_ema(self) -> None:
         """Count one successful step and update the EMA; :meth:`step` calls it after the inner step.
