@@ -41,9 +41,9 @@ def test_ema(benchmark, workload: Workload, contender: Contender, copy_gbps: flo
         )
     finally:
         del impl, fn
-        # Compiled CUDA-graph trees keep their inputs and memory pool alive; with 1.3B parameters two
-        # contenders' leftovers would not fit beside the next one.
-        torch._dynamo.reset()
-        gc.collect()
         if device.type == "cuda":
+            # Compiled CUDA-graph trees keep their inputs and memory pool alive; with 1.3B parameters two
+            # contenders' leftovers would not fit beside the next one.
+            torch._dynamo.reset()
+            gc.collect()
             torch.cuda.empty_cache()
