@@ -369,3 +369,18 @@ def test_cpu_offload_matches_on_device_ema(seed, param_dtype):
         for p, s in zip(model.parameters(), opt.ema_params()):
             assert torch.equal(p.cpu(), s.to(param_dtype))
     assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))
+
+
+def test_upcast_scratch_is_chunked_and_reused(seed):
+    """bf16 parameters on the torch path go through one bounded fp32 buffer, chunk by chunk."""
+    from triton_ema.reference import Upcaster
+
+    params = [torch.randn(n, dtype=torch.bfloat16) for n in (5, 300, 40, 7)]
+    params.append(torch.randn(2, 3, 4, 5, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last))
+    shadows = [torch.empty_like(p, dtype=torch.float32).copy_(torch.randn(p.shape)) for p in params]
+    expected = [s.double() + 0.25 * (p.double() - s.double()) for p, s in zip(params, shadows)]
+    upcaster = Upcaster(params, shadows, max_elements=320)
+    assert upcaster.buffer.numel() == 320 and [len(c[0]) for c in upcaster.chunks] == [2, 3]
+    upcaster.lerp_(0.25)
+    for s, e in zip(shadows, expected):
+        torch.testing.assert_close(s.double(), e, **tol(torch.float32))

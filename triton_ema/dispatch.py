@@ -10,21 +10,10 @@ from torch import Tensor
 
 from triton_ema import reference
 from triton_ema.kernels import HAS_TRITON, interpreting
+from triton_ema.reference import Upcaster, is_dense
 from triton_ema.schedules import Schedule
 
 BACKENDS = ("auto", "triton", "torch")
-
-
-def is_dense(t: Tensor) -> bool:
-    """True when ``t`` covers its memory without gaps or overlaps, in any dimension order."""
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda ss: ss[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _kernels():
@@ -44,6 +33,15 @@ class Group:
     shadows: list[Tensor] = field(default_factory=list)
     _table: object = None
     _ptrs: list[int] | None = None
+    _upcaster: Upcaster | None = None
+
+    def upcaster(self) -> Upcaster | None:
+        """Scratch for the torch path when the shadows are wider than the parameters."""
+        if self.param_dtype == self.shadow_dtype:
+            return None
+        if self._upcaster is None:
+            self._upcaster = Upcaster(self.params, self.shadows)
+        return self._upcaster
 
     def table(self):
         """The kernels' tensor table, rebuilt when a parameter's storage moved.
@@ -91,6 +89,7 @@ class OffloadedGroup(Group):
         self.params.append(param)
         self.shadows.append(shadow)
         self.staging.append(torch.empty_like(shadow, dtype=param.dtype).pin_memory())
+        self._upcaster = None
 
     def update(self, weight: float) -> None:
         self.join()
@@ -102,9 +101,13 @@ class OffloadedGroup(Group):
             self._copied.record(self._stream)
         copied = self._copied
 
+        if self._upcaster is None and self.param_dtype != self.shadow_dtype:
+            self._upcaster = Upcaster(self.staging, self.shadows)
+        upcaster = self._upcaster
+
         def cpu_update() -> None:
             copied.synchronize()
-            reference.ema_update_(self.staging, self.shadows, weight)
+            reference.ema_update_(self.staging, self.shadows, weight, upcaster)
 
         self._pending = self._worker.submit(cpu_update)
 
@@ -180,6 +183,7 @@ class Dispatcher:
         group.params.append(param)
         group.shadows.append(shadow)
         group._ptrs = None
+        group._upcaster = None
         if use_triton and param.device not in self.counters:
             self.counters[param.device] = torch.full((1,), step, dtype=torch.int64, device=param.device)
         return shadow
@@ -209,7 +213,7 @@ class Dispatcher:
                 ema_update, _ = _kernels()
                 ema_update.ema_update(g.table(), self.counters[g.device], schedule, g.param_dtype, g.shadow_dtype)
             elif weight is not None:
-                reference.ema_update_(g.params, g.shadows, weight)
+                reference.ema_update_(g.params, g.shadows, weight, g.upcaster())
 
     def device_step(self) -> int | None:
         """The step count held on a device (it can run ahead of the host after CUDA graph replays)."""

@@ -14,23 +14,68 @@ from torch import Tensor
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def is_dense(t: Tensor) -> bool:
+    """True when ``t`` covers its memory without gaps or overlaps, in any dimension order."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda ss: ss[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+class Upcaster:
+    """Reusable scratch for bringing lower-precision parameters to the shadows' dtype.
+
+    ``_foreach_lerp_`` wants equal dtypes. Upcasting into fresh tensors every
+    step would allocate (and, on the CPU, page-fault in) a full copy of the
+    parameters per update; instead the tensors are walked in chunks of at most
+    ``max(max_elements, largest tensor)`` elements through one buffer kept
+    across steps.
+    """
+
+    def __init__(self, params: list[Tensor], shadows: list[Tensor], max_elements: int = 1 << 24) -> None:
+        capacity = max(max_elements, max(p.numel() for p in params))
+        self.buffer = torch.empty(capacity, dtype=shadows[0].dtype, device=shadows[0].device)
+        self.chunks: list[tuple[list[Tensor], list[Tensor], list[Tensor]]] = []
+        offset = capacity
+        for p, s in zip(params, shadows):
+            if offset + p.numel() > capacity:
+                self.chunks.append(([], [], []))
+                offset = 0
+            piece = self.buffer[offset : offset + p.numel()]
+            # Same strides as the shadow where the layout allows, so lerp walks both in memory order.
+            view = piece.as_strided(s.shape, s.stride()) if is_dense(s) else piece.view(s.shape)
+            for chunk_list, t in zip(self.chunks[-1], (p, s, view)):
+                chunk_list.append(t)
+            offset += p.numel()
+
+    def lerp_(self, weight: float) -> None:
+        for params, shadows, views in self.chunks:
+            torch._foreach_copy_(views, params)
+            torch._foreach_lerp_(shadows, views, weight)
+
+
 @torch.no_grad()
-def ema_update_(params: list[Tensor], shadows: list[Tensor], weight: float) -> None:
+def ema_update_(params: list[Tensor], shadows: list[Tensor], weight: float, upcaster: Upcaster | None = None) -> None:
     """``shadow += weight * (param - shadow)`` for every pair, in the shadow's dtype.
 
     ``weight == 1`` copies exactly. The update goes through ``lerp``, which
     evaluates ``param - (param - shadow) * (1 - weight)`` for weights of 0.5
-    and above, so the copy at weight 1 and the Triton kernel agree.
+    and above, so the copy at weight 1 and the Triton kernel agree. Parameters
+    of another dtype than their shadows go through ``upcaster`` (built here
+    if not given).
     """
     if not params:
         return
     if weight == 1.0:
         torch._foreach_copy_(shadows, params)
-        return
-    if params[0].dtype != shadows[0].dtype:
-        # lerp wants equal dtypes: a bf16 parameter is upcast to the fp32 shadow's dtype first.
-        params = [p.to(s.dtype) for p, s in zip(params, shadows)]
-    torch._foreach_lerp_(shadows, params, weight)
+    elif params[0].dtype == shadows[0].dtype:
+        torch._foreach_lerp_(shadows, params, weight)
+    else:
+        (upcaster or Upcaster(params, shadows)).lerp_(weight)
 
 
 @torch.no_grad()
