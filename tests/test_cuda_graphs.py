@@ -3,8 +3,8 @@
 The Triton path reads the step counter from device memory and evaluates the decay schedule in the kernel, so
 one captured launch serves every later step: warmup schedules, ``update_after_step`` and ``update_every``
 included. The torch path computes the decay on the host, and a captured graph keeps the decay of the step it
-was captured at, and its step count (kept on the host) does not advance with replays: it is tested with a
-constant decay, for the weights only.
+was captured at: the wrapper refuses to capture it with a changing decay, and it is tested with a constant
+one. The step count lives on the device for every CUDA group, so it advances with replays on both paths.
 """
 
 from __future__ import annotations
@@ -82,9 +82,7 @@ def test_captured_step_matches_eager(backend, config, dtype):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         train_step(graphed, g_opt, static_x, static_y)
-    device_count = backend != "torch"
-    if device_count:
-        assert g_opt.num_steps == WARMUP_STEPS
+    assert g_opt.num_steps == WARMUP_STEPS
 
     for i, (x, y) in enumerate(data[WARMUP_STEPS:], start=WARMUP_STEPS + 1):
         static_x.copy_(x)
@@ -92,16 +90,14 @@ def test_captured_step_matches_eager(backend, config, dtype):
         graph.replay()
         e_opt.zero_grad(set_to_none=True)
         train_step(eager, e_opt, x, y)
-        if device_count:
-            # The count lives on the device and advances with every replay, so checkpoints stay right.
-            assert g_opt.num_steps == e_opt.num_steps == i
+        # The count lives on the device and advances with every replay, so checkpoints stay right.
+        assert g_opt.num_steps == e_opt.num_steps == i
 
     torch.cuda.synchronize()
     torch.testing.assert_close(list(graphed.parameters()), list(eager.parameters()))
     torch.testing.assert_close(g_opt.ema_params(), e_opt.ema_params())
     assert all(s.dtype == torch.float32 for s in g_opt.ema_params())
-    if device_count:
-        assert g_opt.state_dict()["ema"]["step"] == WARMUP_STEPS + REPLAYS
+    assert g_opt.state_dict()["ema"]["step"] == WARMUP_STEPS + REPLAYS
 
     probe = data[0][0]
     with torch.no_grad(), g_opt.ema_weights(), e_opt.ema_weights():

@@ -384,3 +384,16 @@ def test_upcast_scratch_is_chunked_and_reused(seed):
     upcaster.lerp_(0.25)
     for s, e in zip(shadows, expected):
         torch.testing.assert_close(s.double(), e, **tol(torch.float32))
+
+
+def test_torch_path_refuses_capture_with_a_changing_decay(monkeypatch):
+    """A captured torch-path update would replay one host-computed decay forever: refuse it clearly."""
+    model = make_model()
+    warm = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.9, warmup="litema")
+    const = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.9)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="replay the decay of the captured step"):
+        warm.update_ema()
+    const.update_ema()
+    assert const.num_steps == 1

@@ -184,7 +184,9 @@ class Dispatcher:
         group.shadows.append(shadow)
         group._ptrs = None
         group._upcaster = None
-        if use_triton and param.device not in self.counters:
+        # CUDA groups keep the count on the device even on the torch path, so that it
+        # advances through CUDA graph replays.
+        if (use_triton or param.device.type == "cuda") and param.device not in self.counters:
             self.counters[param.device] = torch.full((1,), step, dtype=torch.int64, device=param.device)
         return shadow
 
@@ -202,6 +204,8 @@ class Dispatcher:
     @torch.no_grad()
     def update(self, step: int, schedule: Schedule) -> None:
         """Apply step ``step``: the device counters move first, then one launch per Triton group."""
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            self._check_capturable(schedule)
         for counter in self.counters.values():
             counter.add_(1)
         weight = schedule.weight(step)
@@ -214,6 +218,17 @@ class Dispatcher:
                 ema_update.ema_update(g.table(), self.counters[g.device], schedule, g.param_dtype, g.shadow_dtype)
             elif weight is not None:
                 reference.ema_update_(g.params, g.shadows, weight, g.upcaster())
+
+    def _check_capturable(self, schedule: Schedule) -> None:
+        for g in self.groups.values():
+            if isinstance(g, OffloadedGroup):
+                raise RuntimeError("ema_device='cpu' updates cannot be captured in a CUDA graph")
+            if not g.use_triton and not schedule.is_constant:
+                raise RuntimeError(
+                    "the torch path computes the decay on the host, so a CUDA graph would replay the decay of "
+                    "the captured step: capture with backend='triton' (the default for CUDA tensors), or use a "
+                    "schedule without warmup, update_after_step or update_every"
+                )
 
     def device_step(self) -> int | None:
         """The step count held on a device (it can run ahead of the host after CUDA graph replays)."""

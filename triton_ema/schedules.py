@@ -74,6 +74,11 @@ class Schedule:
         return WARMUPS[self.warmup]
 
     @property
+    def is_constant(self) -> bool:
+        """True when every step updates with the same weight (so a host-computed weight may be replayed)."""
+        return self.warmup is None and self.update_after_step == 0 and self.update_every == 1
+
+    @property
     def min_weight(self) -> float:
         """``1 - decay``, the smallest weight, computed in float64."""
         return 1.0 - self.decay
