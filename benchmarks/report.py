@@ -202,9 +202,10 @@ def plot(data: dict, path: Path) -> None:
         ax.set_title(f"{kind}: {TRAFFIC[kind]}", fontsize=9)
         top = ax.secondary_xaxis("top", functions=(lambda x: x / copy, lambda f: f * copy))
         top.set_xlabel("fraction of copy bandwidth", fontsize=8)
-        ax.legend(handles=legend, loc="lower right", fontsize=8)
     fig.suptitle(f"triton-ema on {env['device']} - torch {env['torch']}, triton {env['triton']} - {env['date']}")
-    fig.tight_layout()
+    # One legend for all panels, under the title, where it covers no bar.
+    fig.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, 0.965), ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
