@@ -125,6 +125,7 @@ def test_swap_shows_ema_and_restores_exactly(seed, contender: Contender, dtype):
 
 
 def test_suite_and_report_run_end_to_end(tmp_path):
+    pytest.importorskip("matplotlib", reason="the report's plot needs matplotlib (the demo extra)")
     # The report strips TRITON_INTERPRET (set by conftest on CPU) from the suite's environment itself.
     env = {**os.environ, "EMA_BENCH_WORKLOADS": "tiny"}
     cmd = [sys.executable, "-m", "benchmarks.report", "--quick", "--out", str(tmp_path)]
