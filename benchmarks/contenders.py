@@ -199,6 +199,17 @@ class Wrapper:
             inside()
 
 
+class OffloadWrapper(Wrapper):
+    """The wrapper with ``ema_device="cpu"``: pinned host shadows, updated off the training stream.
+
+    Timed on ``step()``: what a training step costs when the EMA lives on the host (the device-to-host copy
+    of the parameters and the CPU update, as far as they hold the step up).
+    """
+
+    def __init__(self, params: Params, decay: float) -> None:
+        self.opt = EMAOptimizerWrapper(torch.optim.SGD(params, lr=LR), decay=decay, ema_device="cpu")
+
+
 class BareSGD:
     """The wrapper's inner optimizer alone, on the same (pre-filled) gradients."""
 
@@ -269,6 +280,7 @@ CONTENDERS = [
     Contender("wrapper_update", "update", Wrapper, _update_traffic),
     Contender("sgd_step", "step", BareSGD, _sgd_traffic),
     Contender("wrapper_step", "step", Wrapper, _step_traffic),
+    Contender("wrapper_step_offload", "step", OffloadWrapper, _step_traffic, cuda_only=True),
     Contender("litema_swap", "swap", LitEma, _swap_traffic),
     Contender("wrapper_swap", "swap", Wrapper, _swap_traffic),
 ]
