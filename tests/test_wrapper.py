@@ -397,3 +397,35 @@ def test_torch_path_refuses_capture_with_a_changing_decay(monkeypatch):
         warm.update_ema()
     const.update_ema()
     assert const.num_steps == 1
+
+
+def test_works_without_triton():
+    """``import triton_ema`` and the CPU path need no Triton; forcing the kernels then says what is missing."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None  # any import of triton now fails
+        import torch
+        from triton_ema import EMAOptimizerWrapper
+        p = torch.nn.Parameter(torch.ones(4))
+        opt = EMAOptimizerWrapper(torch.optim.SGD([p], lr=0.1), decay=0.5)
+        with torch.no_grad():
+            p.fill_(3.0)
+        opt.update_ema()
+        with opt.ema_weights():
+            assert torch.equal(p.detach(), torch.full((4,), 2.0))
+        try:
+            EMAOptimizerWrapper(torch.optim.SGD([p], lr=0.1), backend="triton")
+        except RuntimeError as e:
+            assert "needs the triton package" in str(e), e
+        else:
+            raise AssertionError("backend='triton' without triton must fail")
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from triton_ema import reference
-from triton_ema.kernels import HAS_TRITON, interpreting
+from triton_ema.kernels import HAS_TRITON, KERNEL_DTYPES, interpreting
 from triton_ema.reference import Upcaster, is_dense
 from triton_ema.schedules import Schedule
 
@@ -138,9 +138,7 @@ class Dispatcher:
     def _use_triton(self, p: Tensor, s: Tensor) -> bool:
         if self.backend == "torch":
             return False
-        from triton_ema.kernels.ema_update import SUPPORTED_DTYPES
-
-        fits = p.dtype in SUPPORTED_DTYPES and s.dtype in SUPPORTED_DTYPES and is_dense(p) and p.stride() == s.stride()
+        fits = p.dtype in KERNEL_DTYPES and s.dtype in KERNEL_DTYPES and is_dense(p) and p.stride() == s.stride()
         if self.backend == "auto":
             return HAS_TRITON and p.device.type == "cuda" and not interpreting() and fits
         if not HAS_TRITON:
@@ -150,7 +148,7 @@ class Dispatcher:
                 "backend='triton' with CPU tensors runs in Triton's interpreter: set TRITON_INTERPRET=1 "
                 "before triton is first imported, or use backend='torch'"
             )
-        if p.dtype not in SUPPORTED_DTYPES or s.dtype not in SUPPORTED_DTYPES:
+        if p.dtype not in KERNEL_DTYPES or s.dtype not in KERNEL_DTYPES:
             raise ValueError(
                 f"backend='triton' supports float32, bfloat16 and float16 tensors, got {p.dtype}/{s.dtype}"
             )

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 try:
     import triton  # noqa: F401  (imported to probe availability)
 except ImportError:  # pragma: no cover - exercised only where Triton is missing
     HAS_TRITON = False
 else:
     HAS_TRITON = True
+
+
+#: Parameter and shadow dtypes the kernels take; anything else goes through the torch path.
+KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 
 
 def interpreting() -> bool:

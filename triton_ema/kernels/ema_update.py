@@ -13,13 +13,10 @@ import triton.language as tl
 from torch import Tensor
 
 from triton_ema.kernels.launch import TableKernel
-from triton_ema.kernels.table import ENTRY, TensorTable, build_table
+from triton_ema.kernels.table import ENTRY, TensorTable, build_table, entry_range, tensor_ptr
 from triton_ema.schedules import Schedule
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-#: Parameter and shadow dtypes the kernels take; anything else goes through the torch path.
-SUPPORTED_DTYPES = frozenset(_TL_DTYPES)
 
 
 @triton.jit
@@ -112,16 +109,9 @@ def _ema_update_kernel(
         for i in range(ENTRIES_PER_PROGRAM):
             e = pid * ENTRIES_PER_PROGRAM + i
             if e < n_entries:
-                idx = tl.load(entry_tensor_ptr + e)
-                start = tl.load(entry_block_ptr + e).to(tl.int64) * ENTRY
-                n = tl.load(numels_ptr + idx)
-                param_ptr = tl.load(param_addrs_ptr + idx).to(tl.pointer_type(PARAM_DTYPE))
-                shadow_ptr = tl.load(shadow_addrs_ptr + idx).to(tl.pointer_type(SHADOW_DTYPE))
-                if ALIGNED:
-                    # Addresses loaded from a table carry no alignment facts; without these
-                    # hints every load and store would be scalar.
-                    param_ptr = tl.multiple_of(param_ptr, 16)
-                    shadow_ptr = tl.multiple_of(shadow_ptr, 16)
+                idx, start, n = entry_range(e, entry_tensor_ptr, entry_block_ptr, numels_ptr, ENTRY)
+                param_ptr = tensor_ptr(param_addrs_ptr, idx, PARAM_DTYPE, ALIGNED)
+                shadow_ptr = tensor_ptr(shadow_addrs_ptr, idx, SHADOW_DTYPE, ALIGNED)
                 for off in range(0, ENTRY, BLOCK):
                     offs = start + off + tl.arange(0, BLOCK)
                     if start + off + BLOCK <= n:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from triton_ema.kernels.ema_update import _TL_DTYPES, _round
 from triton_ema.kernels.launch import TableKernel
-from triton_ema.kernels.table import ENTRY, TensorTable, build_table
+from triton_ema.kernels.table import ENTRY, TensorTable, build_table, entry_range, tensor_ptr
 
 MODE_SWAP = 0
 MODE_BACKUP_AND_LOAD = 1
@@ -63,16 +63,10 @@ def _swap_kernel(
     for i in range(ENTRIES_PER_PROGRAM):
         e = pid * ENTRIES_PER_PROGRAM + i
         if e < n_entries:
-            idx = tl.load(entry_tensor_ptr + e)
-            start = tl.load(entry_block_ptr + e).to(tl.int64) * ENTRY
-            n = tl.load(numels_ptr + idx)
-            a_ptr = tl.load(a_addrs_ptr + idx).to(tl.pointer_type(A_DTYPE))
-            b_ptr = tl.load(b_addrs_ptr + idx).to(tl.pointer_type(B_DTYPE))
-            c_ptr = tl.load(c_addrs_ptr + idx).to(tl.pointer_type(A_DTYPE))
-            if ALIGNED:
-                a_ptr = tl.multiple_of(a_ptr, 16)
-                b_ptr = tl.multiple_of(b_ptr, 16)
-                c_ptr = tl.multiple_of(c_ptr, 16)
+            idx, start, n = entry_range(e, entry_tensor_ptr, entry_block_ptr, numels_ptr, ENTRY)
+            a_ptr = tensor_ptr(a_addrs_ptr, idx, A_DTYPE, ALIGNED)
+            b_ptr = tensor_ptr(b_addrs_ptr, idx, B_DTYPE, ALIGNED)
+            c_ptr = tensor_ptr(c_addrs_ptr, idx, A_DTYPE, ALIGNED)
             for off in range(0, ENTRY, BLOCK):
                 offs = start + off + tl.arange(0, BLOCK)
                 if start + off + BLOCK <= n:

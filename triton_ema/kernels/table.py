@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 #: Elements per table entry. Every kernel BLOCK divides it, so entry starts stay aligned.
@@ -71,3 +73,23 @@ def build_table(*slots: list[Tensor]) -> TensorTable:
         aligned=aligned,
         tensors=tuple([t.detach() for t in slot] for slot in slots),
     )
+
+
+@triton.jit
+def entry_range(e, entry_tensor_ptr, entry_block_ptr, numels_ptr, ENTRY: tl.constexpr):
+    """Table entry ``e``: its tensor's index, the entry's first element in that tensor, the tensor's length."""
+    idx = tl.load(entry_tensor_ptr + e)
+    start = tl.load(entry_block_ptr + e).to(tl.int64) * ENTRY
+    n = tl.load(numels_ptr + idx)
+    return idx, start, n
+
+
+@triton.jit
+def tensor_ptr(addrs_ptr, idx, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Tensor ``idx``'s address from a slot's address vector, as a pointer to ``DTYPE``."""
+    ptr = tl.load(addrs_ptr + idx).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        # An address loaded from memory carries no alignment facts; without this hint
+        # every access through it would be scalar.
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
