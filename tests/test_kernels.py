@@ -10,7 +10,7 @@ from triton_ema.kernels import interpreting
 from triton_ema.kernels.ema_update import _update, ema_update
 from triton_ema.kernels.launch import INTERPRET_CONFIG
 from triton_ema.kernels.swap import backup_and_load_, restore_, swap_
-from triton_ema.kernels.table import ENTRY, build_table
+from triton_ema.kernels.table import ENTRY, build_table, build_tables
 from triton_ema.schedules import Schedule
 
 DEVICES = [
@@ -151,13 +151,28 @@ def test_backup_load_restore(seed, device, dtype):
     params = make_params(device, dtype)
     shadows = shadows_like(params, torch.float32)
     p0, s0 = [p.clone() for p in params], [s.clone() for s in shadows]
-    backups, table = backup_and_load_(params, shadows)
+    backups, tables = backup_and_load_(params, shadows)
+    assert [t.aligned for t in tables] == [True, False], "the unaligned view gets a table of its own"
     assert all(torch.equal(p, s.to(dtype)) for p, s in zip(params, shadows))
     assert all(torch.equal(b, p) for b, p in zip(backups, p0))
     poison_(params)
-    restore_(table, dtype, torch.float32)
+    restore_(tables, dtype, torch.float32)
     assert all(torch.equal(p, q) for p, q in zip(params, p0))
     assert all(torch.equal(s, q) for s, q in zip(shadows, s0)), "the fp32 shadow must never be rounded"
+
+
+def test_unaligned_tensors_get_their_own_table():
+    buffer = torch.randn(100)
+    tensors = [torch.randn(8), buffer[1:9], torch.randn(8), buffer[16:24]]
+    shadows = [torch.randn(8) for _ in tensors]
+    aligned, unaligned = build_tables(tensors, shadows)
+    assert aligned.aligned and not unaligned.aligned
+    assert [t.data_ptr() for t in aligned.tensors[0]] == [
+        tensors[0].data_ptr(),
+        tensors[2].data_ptr(),
+        tensors[3].data_ptr(),
+    ]
+    assert [t.data_ptr() for t in unaligned.tensors[0]] == [tensors[1].data_ptr()]
 
 
 @pytest.mark.skipif(not interpreting(), reason="interpreter only")

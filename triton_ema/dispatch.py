@@ -31,7 +31,7 @@ class Group:
     use_triton: bool
     params: list[Tensor] = field(default_factory=list)
     shadows: list[Tensor] = field(default_factory=list)
-    _table: object = None
+    _tables: list = field(default_factory=list)
     _ptrs: list[int] | None = None
     _upcaster: Upcaster | None = None
 
@@ -43,8 +43,8 @@ class Group:
             self._upcaster = Upcaster(self.params, self.shadows)
         return self._upcaster
 
-    def table(self):
-        """The kernels' tensor table, rebuilt when a parameter's storage moved.
+    def tables(self) -> list:
+        """The kernels' tensor tables, rebuilt when a parameter's storage moved.
 
         Reading the addresses costs a Python loop over the group's tensors per
         launch (microseconds); it is what keeps a stale table from writing
@@ -52,16 +52,16 @@ class Group:
         """
         ptrs = [p.data_ptr() for p in self.params]
         if ptrs != self._ptrs:
-            from triton_ema.kernels.table import build_table
+            from triton_ema.kernels.table import build_tables
 
             for p, s in zip(self.params, self.shadows):
                 if p.shape != s.shape or p.stride() != s.stride():
                     raise RuntimeError(
                         f"a parameter changed shape or layout after wrapping ({tuple(s.shape)} -> {tuple(p.shape)})"
                     )
-            self._table = build_table(self.params, self.shadows)
+            self._tables = build_tables(self.params, self.shadows)
             self._ptrs = ptrs
-        return self._table
+        return self._tables
 
 
 class OffloadedGroup(Group):
@@ -213,7 +213,8 @@ class Dispatcher:
                     g.update(weight)
             elif g.use_triton:
                 ema_update, _ = _kernels()
-                ema_update.ema_update(g.table(), self.counters[g.device], schedule, g.param_dtype, g.shadow_dtype)
+                for table in g.tables():
+                    ema_update.ema_update(table, self.counters[g.device], schedule, g.param_dtype, g.shadow_dtype)
             elif weight is not None:
                 reference.ema_update_(g.params, g.shadows, weight, g.upcaster())
 
@@ -257,7 +258,8 @@ class Dispatcher:
         for g in self.groups.values():
             if g.param_dtype == g.shadow_dtype and not isinstance(g, OffloadedGroup):
                 if g.use_triton:
-                    _kernels()[1].swap_(g.table(), g.param_dtype)
+                    for table in g.tables():
+                        _kernels()[1].swap_(table, g.param_dtype)
                 else:
                     reference.swap_(g.params, g.shadows)
                 backups.append((g, None))
@@ -272,7 +274,8 @@ class Dispatcher:
         for g, backup in backups:
             if backup is None:
                 if g.use_triton:
-                    _kernels()[1].swap_(g.table(), g.param_dtype)
+                    for table in g.tables():
+                        _kernels()[1].swap_(table, g.param_dtype)
                 else:
                     reference.swap_(g.params, g.shadows)
             elif g.use_triton:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from triton_ema.kernels.ema_update import _TL_DTYPES, _round
 from triton_ema.kernels.launch import TableKernel
-from triton_ema.kernels.table import ENTRY, TensorTable, build_table, entry_range, tensor_ptr
+from triton_ema.kernels.table import ENTRY, TensorTable, build_table, build_tables, entry_range, tensor_ptr
 
 MODE_SWAP = 0
 MODE_BACKUP_AND_LOAD = 1
@@ -115,17 +115,19 @@ def swap_(table: TensorTable, dtype: torch.dtype) -> None:
     _launch(table, MODE_SWAP, dtype, dtype)
 
 
-def backup_and_load_(params: list[Tensor], shadows: list[Tensor]) -> tuple[list[Tensor], TensorTable]:
+def backup_and_load_(params: list[Tensor], shadows: list[Tensor]) -> tuple[list[Tensor], list[TensorTable]]:
     """Back the parameters up in their own dtype, then write the shadows into them.
 
-    Returns the backups and the table to pass to :func:`restore_`.
+    Returns the backups and the tables to pass to :func:`restore_`.
     """
     backups = [torch.empty_like(p) for p in params]
-    table = build_table(params, shadows, backups)
-    _launch(table, MODE_BACKUP_AND_LOAD, params[0].dtype, shadows[0].dtype)
-    return backups, table
+    tables = build_tables(params, shadows, backups)
+    for table in tables:
+        _launch(table, MODE_BACKUP_AND_LOAD, params[0].dtype, shadows[0].dtype)
+    return backups, tables
 
 
-def restore_(table: TensorTable, param_dtype: torch.dtype, shadow_dtype: torch.dtype) -> None:
-    """Copy the backups of a :func:`backup_and_load_` table back into the parameters."""
-    _launch(table, MODE_RESTORE, param_dtype, shadow_dtype)
+def restore_(tables: list[TensorTable], param_dtype: torch.dtype, shadow_dtype: torch.dtype) -> None:
+    """Copy the backups of :func:`backup_and_load_` tables back into the parameters."""
+    for table in tables:
+        _launch(table, MODE_RESTORE, param_dtype, shadow_dtype)

@@ -75,6 +75,22 @@ def build_table(*slots: list[Tensor]) -> TensorTable:
     )
 
 
+def build_tables(*slots: list[Tensor]) -> list[TensorTable]:
+    """Tables for ``slots``, the 16-byte aligned tensors apart from the others.
+
+    One launch per table: normally one, since allocations are aligned. A few
+    tensors at odd offsets (views into a larger buffer) get a table of their
+    own, so that they do not turn every access of the group scalar.
+    """
+    aligned = [all(slot[i].data_ptr() % 16 == 0 for slot in slots) for i in range(len(slots[0]))]
+    tables = []
+    for want in (True, False):
+        index = [i for i, a in enumerate(aligned) if a == want]
+        if index:
+            tables.append(build_table(*([slot[i] for i in index] for slot in slots)))
+    return tables
+
+
 @triton.jit
 def entry_range(e, entry_tensor_ptr, entry_block_ptr, numels_ptr, ENTRY: tl.constexpr):
     """Table entry ``e``: its tensor's index, the entry's first element in that tensor, the tensor's length."""
