@@ -179,7 +179,7 @@ def test_unaligned_tensors_get_their_own_table():
 def test_interpreter_never_autotunes():
     params, shadows = [torch.randn(10)], [torch.zeros(10)]
     ema_update(build_table(params, shadows), torch.tensor([1]), Schedule(), torch.float32, torch.float32)
-    assert _update.tuned.cache == {}
+    assert _update.tuned.cache == {} and _update.chosen == {}
 
 
 @pytest.mark.gpu
@@ -192,7 +192,7 @@ def test_tuning_applies_the_update_once_and_clones_nothing(seed):
     table = build_table([param], [shadow])
     ema_update(table, torch.tensor([4], device="cuda"), Schedule(decay=0.9), torch.float32, torch.float32)
     torch.testing.assert_close(shadow.double(), expected, **tol(torch.float32))
-    assert _update.tuned_config(SIZE_BUCKET=table.bucket) is not None
+    assert any(key[0] == table.bucket for key in _update.chosen), "the choice is cached under the live key"
 
 
 @pytest.mark.gpu
@@ -212,3 +212,46 @@ def test_loads_are_vectorised():
     compiled = _ema_update_kernel[(table.n_entries,)](**kwargs, BLOCK=1024, ENTRIES_PER_PROGRAM=1, num_warps=4)
     ptx = compiled.asm["ptx"]
     assert "ld.global.v4" in ptx or "ld.global.nc.v4" in ptx, triton.__version__
+
+
+def test_tuning_runs_on_scratch_once_per_key_and_live_launches_once(monkeypatch):
+    """The launch policy on a GPU, with recording stand-ins for the kernel and the autotuner.
+
+    Tuning (which runs a kernel many times) must only ever see the scratch
+    arguments; the live arguments must be launched exactly once per call,
+    with the config the tuning chose, and a second call must not tune again.
+    """
+    import triton
+
+    from triton_ema.kernels import launch
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+            self.best_config = triton.Config({"BLOCK": 4096, "ENTRIES_PER_PROGRAM": 4}, num_warps=8)
+
+        def __getitem__(self, grid):
+            return lambda **kw: calls.append((self.name, grid({**kw, **self.best_config.all_kwargs()}), kw))
+
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(triton, "autotune", lambda **_: lambda kernel: Recorder("autotuner"))
+    table_kernel = launch.TableKernel(Recorder("kernel"), key=["SIZE_BUCKET"])
+    scratch_calls = []
+
+    def scratch():
+        scratch_calls.append(1)
+        return 3, {"n_entries": 3, "SIZE_BUCKET": 4096, "which": "scratch"}
+
+    for _ in range(2):
+        table_kernel(scratch, n_entries=10, SIZE_BUCKET=4096, which="live")
+    assert len(scratch_calls) == 1
+    assert [(name, kw["which"]) for name, _, kw in calls] == [
+        ("autotuner", "scratch"),
+        ("kernel", "live"),
+        ("kernel", "live"),
+    ]
+    live = calls[1]
+    assert live[1] == (3,), "grid: 10 entries at 4 per program"
+    assert live[2]["BLOCK"] == 4096 and live[2]["num_warps"] == 8

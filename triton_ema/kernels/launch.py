@@ -36,19 +36,13 @@ def _grid(n_entries: int) -> Callable[[dict[str, Any]], tuple[int]]:
 
 
 class TableKernel:
-    """A ``@triton.jit`` table kernel together with its autotuned twin and the set of tuned keys."""
+    """A ``@triton.jit`` table kernel together with its autotuned twin and the configs chosen per key."""
 
     def __init__(self, kernel: Any, key: list[str]) -> None:
         self.kernel = kernel
         self.key = key
         self.tuned = triton.autotune(configs=CONFIGS, key=key)(kernel)
-        self._tuned_keys: set[tuple[Any, ...]] = set()
-
-    def tuned_config(self, **key_values: Any) -> triton.Config | None:
-        """The config chosen for a key, if it was tuned already (for reports and tests)."""
-        prefix = tuple(key_values[k] for k in self.key)
-        # The autotuner appends the dtypes of tensor arguments to the key.
-        return next((c for k, c in self.tuned.cache.items() if k[: len(prefix)] == prefix), None)
+        self.chosen: dict[tuple[Any, ...], triton.Config] = {}
 
     def __call__(self, scratch: Callable[[], tuple[int, dict[str, Any]]], **kwargs: Any) -> None:
         """Launch over the ``n_entries`` table entries named in ``kwargs``.
@@ -64,8 +58,11 @@ class TableKernel:
             self.kernel[_grid(n_entries)](**kwargs, **INTERPRET_CONFIG)
             return
         key = tuple(kwargs[k] for k in self.key)
-        if key not in self._tuned_keys:
+        config = self.chosen.get(key)
+        if config is None:
             scratch_entries, scratch_kwargs = scratch()
             self.tuned[_grid(scratch_entries)](**scratch_kwargs)
-            self._tuned_keys.add(key)
-        self.tuned[_grid(n_entries)](**kwargs)
+            config = self.chosen[key] = self.tuned.best_config
+        # Launch the chosen config directly: the autotuner's per-call key building is
+        # host overhead on every step, and it has nothing left to decide.
+        self.kernel[_grid(n_entries)](**kwargs, **config.all_kwargs())
