@@ -429,3 +429,24 @@ def test_works_without_triton():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_state_dict_inside_ema_weights_holds_the_ema(seed):
+    """A checkpoint written while the EMA is swapped in (as trainers do on validation end) must still
+    carry the EMA as shadows, buffers included, and load into a wrapper outside the swap unchanged."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    opt = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.5, buffers=model.buffers())
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).sum().backward()
+        opt.step()
+    model(torch.randn(8, 4))  # moves the trained BatchNorm statistics past their EMA copies
+    outside = opt.state_dict()["ema"]
+    outside = {k: [t.clone() for t in v] if isinstance(v, list) else v for k, v in outside.items()}
+    with opt.ema_weights():
+        inside = opt.state_dict()["ema"]
+        ema_buffers_inside = [b.clone() for b in opt.ema_buffers()]
+    for key in ("shadows", "buffer_shadows", "other_buffer_shadows"):
+        assert all(torch.equal(a, b) for a, b in zip(inside[key], outside[key])), key
+    assert all(torch.equal(a, b) for a, b in zip(ema_buffers_inside, opt.ema_buffers()))
+    assert int(model[1].num_batches_tracked) == 4 and int(inside["other_buffer_shadows"][0]) == 3

@@ -234,6 +234,10 @@ class EMAOptimizerWrapper(Optimizer):
                 holder[id(s)] = h
         return [holder[id(s)] for s in self._shadows + self._buffer_shadows]
 
+    def _other_ema(self) -> list[Tensor]:
+        """The tensors that hold the copies of the non-floating buffers right now (swapped, like the rest)."""
+        return self._other_buffers if self._dispatch.swapped else self._other_buffer_shadows
+
     def _as_global(self, local: Tensor, like: Tensor) -> Tensor:
         if _is_dtensor(like):
             return DTensor.from_local(
@@ -254,7 +258,7 @@ class EMAOptimizerWrapper(Optimizer):
     def ema_buffers(self) -> list[Tensor]:
         """The EMA of each floating buffer and the copy of each other buffer, in the order given."""
         float_iter = iter(self._ema_locals()[len(self._params) :])
-        other_iter = iter(self._other_buffer_shadows)
+        other_iter = iter(self._other_ema())
         return [next(float_iter) if b.is_floating_point() else next(other_iter) for b in self._buffers]
 
     @torch.no_grad()
@@ -303,8 +307,10 @@ class EMAOptimizerWrapper(Optimizer):
         """
         state = self.optimizer.state_dict()
         holders = self._ema_locals()
+        others = self._other_ema()
         if self._dispatch.swapped:
             holders = [h.clone() for h in holders]
+            others = [o.clone() for o in others]
         n = len(self._params)
         state["ema"] = {
             "format_version": _FORMAT_VERSION,
@@ -312,7 +318,7 @@ class EMAOptimizerWrapper(Optimizer):
             "schedule": self.schedule.to_dict(),
             "shadows": [self._as_global(h, p) for h, p in zip(holders[:n], self._params)],
             "buffer_shadows": [self._as_global(h, b) for h, b in zip(holders[n:], self._float_buffers)],
-            "other_buffer_shadows": list(self._other_buffer_shadows),
+            "other_buffer_shadows": list(others),
         }
         return state
 
