@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -34,6 +35,13 @@ class Group:
     _tables: list = field(default_factory=list)
     _ptrs: list[int] | None = None
     _upcaster: Upcaster | None = None
+
+    def add(self, param: Tensor, shadow: Tensor) -> None:
+        self.params.append(param)
+        self.shadows.append(shadow)
+        # Tables and scratch cover the tensor list as it was: rebuilt on next use.
+        self._ptrs = None
+        self._upcaster = None
 
     def upcaster(self) -> Upcaster | None:
         """Scratch for the torch path when the shadows are wider than the parameters."""
@@ -86,10 +94,8 @@ class OffloadedGroup(Group):
         self._pending: Future | None = None
 
     def add(self, param: Tensor, shadow: Tensor) -> None:
-        self.params.append(param)
-        self.shadows.append(shadow)
+        super().add(param, shadow)
         self.staging.append(torch.empty_like(shadow, dtype=param.dtype).pin_memory())
-        self._upcaster = None
 
     def update(self, weight: float) -> None:
         self.join()
@@ -164,28 +170,22 @@ class Dispatcher:
             if param.device.type != "cuda" or self.ema_device.type != "cpu":
                 raise ValueError(f"ema_device={self.ema_device} is supported for CUDA parameters only, as 'cpu'")
             shadow = torch.empty_strided(param.shape, param.stride(), dtype=shadow_dtype, pin_memory=True)
-            shadow.copy_(param)
             key = (param.device, param.dtype, shadow_dtype, "offload")
-            group = self.groups.get(key)
-            if group is None:
-                group = self.groups[key] = OffloadedGroup(param.device, param.dtype, shadow_dtype)
-            group.add(param, shadow)
-            return shadow
-        shadow = torch.empty_like(param, dtype=shadow_dtype, requires_grad=False)
+            make = OffloadedGroup
+        else:
+            shadow = torch.empty_like(param, dtype=shadow_dtype, requires_grad=False)
+            use_triton = self._use_triton(param, shadow)
+            key = (param.device, param.dtype, shadow_dtype, use_triton)
+            make = functools.partial(Group, use_triton=use_triton)
+            # CUDA groups keep the count on the device even on the torch path, so that it
+            # advances through CUDA graph replays.
+            if (use_triton or param.device.type == "cuda") and param.device not in self.counters:
+                self.counters[param.device] = torch.full((1,), step, dtype=torch.int64, device=param.device)
         shadow.copy_(param)
-        use_triton = self._use_triton(param, shadow)
-        key = (param.device, param.dtype, shadow.dtype, use_triton)
         group = self.groups.get(key)
         if group is None:
-            group = self.groups[key] = Group(param.device, param.dtype, shadow.dtype, use_triton)
-        group.params.append(param)
-        group.shadows.append(shadow)
-        group._ptrs = None
-        group._upcaster = None
-        # CUDA groups keep the count on the device even on the torch path, so that it
-        # advances through CUDA graph replays.
-        if (use_triton or param.device.type == "cuda") and param.device not in self.counters:
-            self.counters[param.device] = torch.full((1,), step, dtype=torch.int64, device=param.device)
+            group = self.groups[key] = make(param.device, param.dtype, shadow_dtype)
+        group.add(param, shadow)
         return shadow
 
     def before_step(self) -> None:
@@ -250,6 +250,15 @@ class Dispatcher:
             return group.params
         return group.shadows
 
+    @staticmethod
+    def _exchange(g: Group) -> None:
+        """Swap parameters and shadows of an equal-dtype group in place; its own inverse."""
+        if g.use_triton:
+            for table in g.tables():
+                _kernels()[1].swap_(table, g.param_dtype)
+        else:
+            reference.swap_(g.params, g.shadows)
+
     @torch.no_grad()
     def swap_in(self) -> None:
         self.join()
@@ -257,11 +266,7 @@ class Dispatcher:
         self._backups = backups
         for g in self.groups.values():
             if g.param_dtype == g.shadow_dtype and not isinstance(g, OffloadedGroup):
-                if g.use_triton:
-                    for table in g.tables():
-                        _kernels()[1].swap_(table, g.param_dtype)
-                else:
-                    reference.swap_(g.params, g.shadows)
+                self._exchange(g)
                 backups.append((g, None))
             elif g.use_triton:
                 backups.append((g, _kernels()[1].backup_and_load_(g.params, g.shadows)[1]))
@@ -273,11 +278,7 @@ class Dispatcher:
         backups, self._backups = self._backups or [], None
         for g, backup in backups:
             if backup is None:
-                if g.use_triton:
-                    for table in g.tables():
-                        _kernels()[1].swap_(table, g.param_dtype)
-                else:
-                    reference.swap_(g.params, g.shadows)
+                self._exchange(g)
             elif g.use_triton:
                 _kernels()[1].restore_(backup, g.param_dtype, g.shadow_dtype)
             else:
