@@ -21,8 +21,9 @@ from benchmarks.workloads import Workload
 @pytest.mark.parametrize("contender", CONTENDERS, ids=lambda c: c.name)
 def test_ema(benchmark, workload: Workload, contender: Contender, copy_gbps: float) -> None:
     device = workload.device
-    if contender.cuda_only and device.type != "cuda":
-        pytest.skip("needs CUDA")
+    reason = contender.unavailable(device)
+    if reason:
+        pytest.skip(reason)
     benchmark.group = f"{contender.kind} {workload.label}"
     benchmark.extra_info.update(
         kind=contender.kind, workload=workload.label, contender=contender.name, numel=workload.numel

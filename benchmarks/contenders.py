@@ -10,6 +10,7 @@ checks every one of them against a float64 reference, so what is timed is what i
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,8 @@ Params = list[torch.Tensor]
 DECAY = 0.9999
 # Small, so that thousands of benchmark steps leave the parameters finite.
 LR = 1e-3
+# The non-finite guard is new in the core: its contender runs only where the wrapper has the option.
+HAS_SKIP_NONFINITE = "skip_nonfinite" in inspect.signature(EMAOptimizerWrapper.__init__).parameters
 
 
 def _noop() -> None:
@@ -86,6 +89,31 @@ class LitEma:
         self.copy_to()
         inside()
         self.restore()
+
+
+class LitEmaPrealloc(LitEma):
+    """LitEma's swap in its fault-free form: the backup allocated once, each of store / copy_to / restore
+    one ``_foreach_copy_``.
+
+    The fastest a store / copy_to / restore swap gets: no allocation (hence no page faults) and no Python
+    loop per tensor. The backup has the parameters' dtype, like LitEma's clone.
+    """
+
+    def __init__(self, params: Params, decay: float) -> None:
+        super().__init__(params, decay)
+        self.collected_params = [torch.empty_like(p) for p in params]
+
+    @torch.no_grad()
+    def store(self) -> None:
+        torch._foreach_copy_(self.collected_params, self.params)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        torch._foreach_copy_(self.params, self.shadows)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        torch._foreach_copy_(self.params, self.collected_params)
 
 
 class ForeachLerp:
@@ -199,6 +227,13 @@ class Wrapper:
             inside()
 
 
+class GuardedWrapper(Wrapper):
+    """The wrapper with ``skip_nonfinite=True``: a device-side check that skips updates with inf or NaN."""
+
+    def __init__(self, params: Params, decay: float) -> None:
+        self.opt = EMAOptimizerWrapper(torch.optim.SGD(params, lr=LR), decay=decay, skip_nonfinite=True)
+
+
 class OffloadWrapper(Wrapper):
     """The wrapper with ``ema_device="cpu"``: pinned host shadows, updated off the training stream.
 
@@ -253,6 +288,14 @@ class Contender:
     traffic: Callable[[int], int]
     cuda_only: bool = False
     warmup: str | None = None  # decay warmup, in EMAOptimizerWrapper's vocabulary
+    # Why the contender cannot run in this build, if it cannot (a core option it needs is missing).
+    missing: str | None = None
+
+    def unavailable(self, device: torch.device | str) -> str | None:
+        """The reason this contender is skipped on ``device``, or ``None`` if it runs."""
+        if self.cuda_only and torch.device(device).type != "cuda":
+            return "needs CUDA"
+        return self.missing
 
     def build(self, params: Params, decay: float) -> tuple[Any, Callable[..., None]]:
         """The implementation object and its timed method."""
@@ -278,10 +321,18 @@ CONTENDERS = [
     ),
     Contender("cuda_graph_lerp", "update", GraphedForeachLerp, _update_traffic, cuda_only=True),
     Contender("wrapper_update", "update", Wrapper, _update_traffic),
+    Contender(
+        "wrapper_update_guarded",
+        "update",
+        GuardedWrapper,
+        _update_traffic,
+        missing=None if HAS_SKIP_NONFINITE else "EMAOptimizerWrapper has no skip_nonfinite option in this build",
+    ),
     Contender("sgd_step", "step", BareSGD, _sgd_traffic),
     Contender("wrapper_step", "step", Wrapper, _step_traffic),
     Contender("wrapper_step_offload", "step", OffloadWrapper, _step_traffic, cuda_only=True),
     Contender("litema_swap", "swap", LitEma, _swap_traffic),
+    Contender("litema_swap_prealloc", "swap", LitEmaPrealloc, _swap_traffic),
     Contender("wrapper_swap", "swap", Wrapper, _swap_traffic),
 ]
 # The contender every other one of its kind is compared with in the report.

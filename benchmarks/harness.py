@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 # 256 MiB a buffer on CPU, 2 GiB on GPU: far above any last-level cache, and well above the L2 of a GPU.
 _COPY_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
@@ -169,3 +170,29 @@ def measure(
         info["median_s"] = median
         info["gbps"] = bytes_moved / median / 1e9
         info["fraction_of_copy"] = info["gbps"] / copy_gbps
+
+
+def step_hook_calls(step: Callable[[], None]) -> int:
+    """How many times one ``step()`` runs a global optimizer step pre-hook (one per optimizer step taken).
+
+    A wrapper whose ``step`` is itself a hooked ``Optimizer.step`` around the inner one runs them twice.
+    """
+    calls = 0
+
+    def hook(optimizer, args, kwargs) -> None:
+        nonlocal calls
+        calls += 1
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        step()
+    finally:
+        handle.remove()
+    return calls
+
+
+def profiled_optimizer_steps(step: Callable[[], None]) -> int:
+    """``Optimizer.step#...`` records that ``torch.profiler`` shows for one ``step()``."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(1 for e in prof.events() if e.name.startswith("Optimizer.step#"))

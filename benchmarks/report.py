@@ -3,8 +3,10 @@
     python -m benchmarks.report [--workloads resnet50,gpt2] [--dtypes fp32,bf16] [--out DIR] [-- PYTEST_ARGS]
 
 Runs ``pytest benchmarks/ --benchmark-only`` with ``--benchmark-json`` into a temporary file, then the
-interleaved side-by-side ratios (``python -m benchmarks.paired``) on the first workload, and writes
-``results.md``, ``results.png`` and the raw ``results.json`` to ``DIR`` (default ``benchmarks/results``).
+interleaved side-by-side ratios (``python -m benchmarks.paired``) on the selected workloads that have
+targets (small3, mlp3, resnet50, many5k; else the first), then the Triton path's host cost with stubbed
+launches (``python -m benchmarks.launch_host``), and writes ``results.md``, ``results.png`` and the raw
+``results.json`` to ``DIR`` (default ``benchmarks/results``).
 ``--json DIR/results.json`` renders a previous run again without running anything.
 """
 
@@ -20,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from benchmarks import workloads
-from benchmarks.contenders import BASELINES
+from benchmarks.contenders import BASELINES, CONTENDERS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
@@ -31,12 +33,17 @@ TRAFFIC = {
     "step": "SGD reads param + grad and writes param; wrapper_step adds the update's traffic",
     "swap": "in and out each read and write param + shadow: 32 B/param fp32, 24 B/param bf16",
 }
+# The contender of each kind that the side-by-side table divides by.
+WRAPPERS = {"update": "wrapper_update", "step": "wrapper_step", "swap": "wrapper_swap"}
+# The sequential (pytest-benchmark) bf16 target of issue 9: no slow mode in any run.
+SEQUENTIAL_BF16 = ("wrapper_update", "foreach_lerp", 1.25, ("resnet50",))
 # Options for a run that only checks that everything works (the smoke test): one timed round each.
 QUICK = ["--benchmark-min-rounds=1", "--benchmark-max-time=0", "--benchmark-warmup=off"]
 
 
 def run_all(args: argparse.Namespace) -> dict:
-    """Run the suite and the paired ratios in subprocesses; their JSON, as ``{"suite": ..., "paired": ...}``."""
+    """Run the suite, the paired ratios and the launch host cost in subprocesses; their JSON, as
+    ``{"suite": ..., "paired": ..., "launch_host": ...}``."""
     # Never time Triton's interpreter, whatever the calling shell (or test session) set.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if args.workloads:
@@ -45,15 +52,24 @@ def run_all(args: argparse.Namespace) -> dict:
         env["EMA_BENCH_DTYPES"] = args.dtypes
     specs = workloads.selected(workloads.default_device(), args.workloads, args.dtypes)
     dtypes = ",".join(dict.fromkeys(dtype for _, dtype in specs))
+    archs = list(dict.fromkeys(arch for arch, _ in specs))
+    paired_archs = ",".join([a for a in archs if a in workloads.PAIRED_WORKLOADS] or archs[:1])
     with tempfile.TemporaryDirectory() as tmp:
-        suite, paired = Path(tmp) / "suite.json", Path(tmp) / "paired.json"
+        suite, paired, host = Path(tmp) / "suite.json", Path(tmp) / "paired.json", Path(tmp) / "host.json"
         cmd = [sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "--benchmark-only", "-q"]
         cmd += [f"--benchmark-json={suite}", *(QUICK if args.quick else []), *args.pytest_args]
         subprocess.run(cmd, cwd=ROOT, env=env, check=True)
-        cmd = [sys.executable, "-m", "benchmarks.paired", "--workload", specs[0][0], "--dtypes", dtypes]
+        cmd = [sys.executable, "-m", "benchmarks.paired", "--workloads", paired_archs, "--dtypes", dtypes]
         cmd += ["--rounds", "3" if args.quick else "21", "--json", str(paired)]
         subprocess.run(cmd, cwd=ROOT, env=env, check=True)
-        return {"suite": json.loads(suite.read_text()), "paired": json.loads(paired.read_text())}
+        # Its own process: it sets TRITON_INTERPRET=1 for CPU Triton groups, and stubs every launch.
+        cmd = [sys.executable, "-m", "benchmarks.launch_host", "--workloads", paired_archs, "--dtypes", dtypes]
+        subprocess.run([*cmd, "--json", str(host)], cwd=ROOT, env=env, check=True)
+        return {
+            "suite": json.loads(suite.read_text()),
+            "paired": json.loads(paired.read_text()),
+            "launch_host": json.loads(host.read_text()),
+        }
 
 
 def rows(data: dict) -> list[dict]:
@@ -74,31 +90,109 @@ def _groups(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return {key: groups[key] for key in sorted(groups, key=lambda k: KINDS.index(k[0]))}
 
 
+def _kind_of(name: str) -> str:
+    return next((c.kind for c in CONTENDERS if c.name == name), "step")
+
+
+def _us(t: float) -> str:
+    return f"{t * 1e6:,.1f}"
+
+
+def render_targets(data: dict) -> list[str]:
+    """Every target of the run in one table: the interleaved ratios, the hook count, the sequential bf16."""
+    lines = [
+        "## Targets",
+        "",
+        "Time ratios from the interleaved side-by-side runs below, except the last rows (pytest-benchmark, "
+        "sequential). `step_overhead` is `wrapper_step - sgd_step` in the same round.",
+        "",
+        "| workload | ratio | bound | measured | met |",
+        "|---|---|---|---|---|",
+    ]
+    for result in data["paired"]["results"]:
+        for t in result["targets"]:
+            met = "yes" if t["met"] else "NO"
+            lines.append(f"| {result['workload']} | {t['ratio']} | {t['target']} | {t['measured']:.2f} | {met} |")
+        hooks = result.get("step_hooks_per_step")
+        if hooks is not None:
+            met = "yes" if hooks == 1 else "NO"
+            lines.append(f"| {result['workload']} | global step hooks per `wrapper.step()` | == 1 | {hooks} | {met} |")
+    num, den, bound, archs = SEQUENTIAL_BF16
+    by_key = {(r["workload"], r["contender"]): r for r in rows(data["suite"])}
+    for (workload, name), r in by_key.items():
+        if name != num or not workload.endswith("-bf16") or (workload, den) not in by_key:
+            continue
+        ratio = r["median_ms"] / by_key[workload, den]["median_ms"]
+        target = workload.rsplit("-", 1)[0] in archs
+        met = ("yes" if ratio <= bound else "NO") if target else "-"
+        lines.append(
+            f"| {workload} | {num} / {den}, sequential | {f'<= {bound}' if target else '-'} | {ratio:.2f} | {met} |"
+        )
+    return [*lines, ""]
+
+
 def render_paired(paired: dict) -> list[str]:
     lines = [
-        "## Side by side: the update, interleaved",
+        "## Side by side, interleaved",
         "",
-        "Every update contender called once per round, in rotating order, over the same parameters, so that "
-        "load changing during the run hits all of them alike (`python -m benchmarks.paired`). "
-        f"Ratios are of median times per call. Load average at the end: {paired['environment']['load']}.",
+        "Every contender called in turn each round, in rotating order, over the same parameters, so that "
+        "load changing during the run hits all of them alike (`python -m benchmarks.paired`). A round of a "
+        "contender is one call, or several in a row when one call takes under 2 ms (`calls`). Ratios are of "
+        f"median times per call. Load average at the end: {paired['environment']['load']}.",
         "",
     ]
     for result in paired["results"]:
         medians = result["median_s"]
-        wrapper = medians.get("wrapper_update")
-        lines += [f"### {result['workload']}, {result['rounds']} rounds", ""]
+        calls = result.get("calls_per_round", {})
+        size = f", {result['tensors']:,} tensors, {result['numel']:,} parameters" if "tensors" in result else ""
+        lines += [f"### {result['workload']}, {result['rounds']} rounds{size}", ""]
         faults = result.get("page_faults") or {}
-        header = ["contender", "median ms", "time / wrapper_update"] + (["page faults"] if faults else [])
+        header = ["contender", "kind", "median us", "time / wrapper's", "calls"] + (["page faults"] if faults else [])
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for name, t in sorted(medians.items(), key=lambda kv: kv[1]):
-            cells = [f"`{name}`", f"{t * 1e3:.3f}", f"{t / wrapper:.2f}" if wrapper else "-"]
-            cells += [f"{faults[name]:.0f}"] if faults else []
+        ordered = sorted(medians.items(), key=lambda kv: (KINDS.index(_kind_of(kv[0])), kv[1]))
+        for name, t in ordered:
+            kind = _kind_of(name)
+            ours = medians.get(WRAPPERS[kind]) if name in calls else None
+            cells = [f"`{name}`", kind if name in calls else "derived", _us(t), f"{t / ours:.2f}" if ours else "-"]
+            cells += [str(calls.get(name, "-"))]
+            cells += [f"{faults[name]:.0f}" if name in faults else "-"] if faults else []
             lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", "| target (time ratio) | bound | measured | met |", "|---|---|---|---|"]
-        for t in result["targets"]:
-            lines.append(f"| {t['ratio']} | {t['target']} | {t['measured']:.2f} | {'yes' if t['met'] else 'NO'} |")
+        lines += ["", "| ratio (time) | measured | target | met |", "|---|---|---|---|"]
+        for r in result.get("ratios", result["targets"]):
+            met = "-" if r["target"] is None else ("yes" if r["met"] else "NO")
+            lines.append(f"| {r['ratio']} | {r['measured']:.2f} | {r['target'] or '-'} | {met} |")
+        if "step_hooks_per_step" in result:
+            lines += [
+                "",
+                f"One `wrapper.step()` ran global optimizer step hooks {result['step_hooks_per_step']} time(s) "
+                f"and showed {result['profiled_steps_per_step']} `Optimizer.step#` record(s) in `torch.profiler` "
+                "(untimed).",
+            ]
         lines.append("")
     return lines
+
+
+def render_launch_host(host: dict) -> list[str]:
+    lines = [
+        "## Triton path: host cost with the launches stubbed",
+        "",
+        '`backend="triton"` groups of CPU tensors, every `@triton.jit` launch replaced by a stub that '
+        "evaluates the grid and runs nothing (`python -m benchmarks.launch_host`): the Python a GPU step "
+        "pays up to its launches, without the launches themselves (tens of us each on a GPU), the stream-"
+        "capture check, or the counter's own CUDA launch. Single calls timed for 0.5 s; p10 is the fastest "
+        "tenth, the figure least disturbed by other processes.",
+        "",
+        "| workload | tensors | update us (p10) | update us per tensor | launches | swap in+out us (p10) | launches |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in host["results"]:
+        u, w = r["update"], r["swap"]
+        lines.append(
+            f"| {r['workload']} | {r['tensors']:,} | {_us(u['median_s'])} ({_us(u['p10_s'])}) | "
+            f"{u['median_s'] * 1e6 / r['tensors']:.3f} | {u['launches_per_call']} | "
+            f"{_us(w['median_s'])} ({_us(w['p10_s'])}) | {w['launches_per_call']} |"
+        )
+    return [*lines, ""]
 
 
 def render_markdown(data: dict) -> str:
@@ -120,7 +214,9 @@ def render_markdown(data: dict) -> str:
         "`first call` (compilation, autotuning, lazy allocation) and `setup` are never part of the median. "
         "`page faults` (CPU) are the minor faults of one steady-state call: fresh memory taken from the kernel.",
         "",
+        *render_targets(data),
         *render_paired(data["paired"]),
+        *(render_launch_host(data["launch_host"]) if "launch_host" in data else []),
     ]
     if gpu:
         lines += ["## GPU target: the wrapper's update at >= 0.90 of copy bandwidth", ""]

@@ -60,6 +60,28 @@ def decoder_1p3b() -> list[Shape]:
     return gpt2(dim=2048, depth=24, n_positions=2048)
 
 
+def small3() -> list[Shape]:
+    """A 3-tensor toy model (weights of 16x16, 16 and 4x16 elements): 336 parameters, all host overhead."""
+    return [(16, 16), (16,), (4, 16)]
+
+
+def mlp3() -> list[Shape]:
+    """A slightly bigger 3-tensor MLP (Linear(64, 256) with bias, Linear(256, 10) without): 19,200 parameters."""
+    return [(256, 64), (256,), (10, 256)]
+
+
+def many5k(blocks: int = 1250) -> list[Shape]:
+    """5,000 small tensors, 9,755,000 parameters: a model of many narrow layers (60 to 3,840 elements each).
+
+    Each block is two linear layers with biases, 64 <-> 60 wide, so per-tensor costs (Python, launches,
+    table walks) dominate rather than bandwidth.
+    """
+    shapes: list[Shape] = []
+    for _ in range(blocks):
+        shapes += [(64, 60), (64,), (60, 64), (60,)]
+    return shapes
+
+
 def tiny() -> list[Shape]:
     """Odd sizes around a typical block size, for smoke tests only (it fits in any cache)."""
     return [(1,), (1023,), (1025,), (33, 17), (3, 5, 7, 2), (4096,)]
@@ -70,6 +92,9 @@ ARCHITECTURES = {
     "vit_b16": vit_b16,
     "gpt2": gpt2,
     "decoder_1p3b": decoder_1p3b,
+    "small3": small3,
+    "mlp3": mlp3,
+    "many5k": many5k,
     "tiny": tiny,
 }
 
