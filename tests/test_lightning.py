@@ -194,9 +194,9 @@ def test_checkpoints_hold_trained_weights_and_ema(tmp_path):
     for name in ("val-end.ckpt", "inside.ckpt"):
         ckpt = torch.load(tmp_path / name, weights_only=False)
         assert_equal(list(ckpt["state_dict"].values()), trained)
-        saved = ckpt["optimizer_states"][0]["ema"]
-        assert saved["step"] == steps
-        assert_equal(saved["shadows"], ema)
+        saved = ckpt["optimizer_states"][0]
+        assert all(g["ema"]["step"] == steps for g in saved["param_groups"])
+        assert_equal([saved["state"][k]["ema_shadow"] for k in saved["param_groups"][0]["params"]], ema)
 
 
 def test_resume_restores_ema_and_continues_like_uninterrupted_run(tmp_path):

@@ -11,8 +11,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
 
 def is_dense(t: Tensor) -> bool:
     """True when ``t`` covers its memory without gaps or overlaps, in any dimension order."""
@@ -83,19 +81,157 @@ def ema_update_(params: list[Tensor], shadows: list[Tensor], weight: float, upca
         (upcaster or Upcaster(params, shadows)).lerp_(weight)
 
 
+def flat_bytes(t: Tensor) -> Tensor:
+    """The bytes of a dense tensor with non-negative strides, in memory order, as a 1-D uint8 view."""
+    n = t.numel() * t.element_size()
+    flat = torch.empty(0, dtype=torch.uint8, device=t.device)
+    return flat.set_(t.untyped_storage(), t.storage_offset() * t.element_size(), (n,), (1,))
+
+
+def _byte_pieces(t: Tensor) -> Tensor | None:
+    if t.numel() == 0:
+        return None
+    if is_dense(t) and all(st >= 0 for st in t.stride()):
+        return flat_bytes(t)
+    return None
+
+
+class Exchanger:
+    """Exchanges the contents of tensor pairs in place through one small reusable scratch buffer.
+
+    Each pair is walked as raw bytes (any dtype; NaN payloads and signed zeros are
+    kept, since nothing is computed) in chunks of at most ``max_bytes``: copy ``a`` to
+    the scratch, ``b`` to ``a``, the scratch to ``b``. A chunk that fits in the cache
+    is read from memory once and written once per side, half the traffic of an XOR
+    swap, and nothing model-sized is allocated. Tensors that are not dense (gaps or
+    overlaps in memory) get a scratch of their own size.
+
+    :meth:`run` records its progress in a journal, and :meth:`undo` puts every
+    tensor back as it was from any journal state, including an operation that
+    failed or was interrupted half-way (each undo step is valid whether or not the
+    operation after the recorded one also ran).
+    """
+
+    def __init__(self, a: list[Tensor], b: list[Tensor], max_bytes: int | None = None) -> None:
+        if max_bytes is None:
+            # 1 MiB a chunk: the three copies of a chunk stay in the cache on a CPU; on a GPU
+            # larger chunks mean fewer launches.
+            max_bytes = 1 << 20 if (a and a[0].device.type == "cpu") else 1 << 26
+        pieces: list[tuple[Tensor, Tensor]] = []
+        odd: list[tuple[Tensor, Tensor]] = []
+        for x, y in zip(a, b):
+            bx, by = _byte_pieces(x), _byte_pieces(y)
+            if bx is not None and by is not None and x.stride() == y.stride():
+                for start in range(0, bx.numel(), max_bytes):
+                    pieces.append((bx[start : start + max_bytes], by[start : start + max_bytes]))
+            elif x.numel():
+                odd.append((x, y))
+        device = a[0].device if a else torch.device("cpu")
+        capacity = min(max_bytes, sum(x.numel() for x, _ in pieces)) if pieces else 0
+        self.scratch = torch.empty(capacity, dtype=torch.uint8, device=device)
+        self.chunks: list[tuple[list[Tensor], list[Tensor], list[Tensor]]] = []
+        offset = capacity
+        for x, y in pieces:
+            if offset + x.numel() > capacity:
+                self.chunks.append(([], [], []))
+                offset = 0
+            for chunk_list, t in zip(self.chunks[-1], (x, y, self.scratch[offset : offset + x.numel()])):
+                chunk_list.append(t)
+            offset += x.numel()
+        for x, y in odd:
+            self.chunks.append(([x], [y], [torch.empty_like(x)]))
+
+    def run(self, journal: list[int]) -> None:
+        """Exchange every pair. ``journal`` is ``[chunk, copies done in it]``, kept up to date."""
+        for c, (xs, ys, tmp) in enumerate(self.chunks):
+            journal[0], journal[1] = c, 0
+            torch._foreach_copy_(tmp, xs)
+            journal[1] = 1
+            torch._foreach_copy_(xs, ys)
+            journal[1] = 2
+            torch._foreach_copy_(ys, tmp)
+            journal[1] = 3
+        journal[0], journal[1] = len(self.chunks), 0
+
+    def undo(self, journal: list[int]) -> None:
+        """Put back what :meth:`run` did up to ``journal``."""
+        c, done = journal
+        if c < len(self.chunks):
+            xs, ys, tmp = self.chunks[c]
+            # After copy 1 the scratch holds the old ``a``; after copy 2 ``a`` holds the old
+            # ``b``. Both steps below are right whether or not the next copy also ran.
+            if done >= 2:
+                torch._foreach_copy_(ys, xs)
+            if done >= 1:
+                torch._foreach_copy_(xs, tmp)
+        for k in reversed(range(min(c, len(self.chunks)))):
+            self.run_chunk(k)
+
+    def run_chunk(self, k: int) -> None:
+        xs, ys, tmp = self.chunks[k]
+        torch._foreach_copy_(tmp, xs)
+        torch._foreach_copy_(xs, ys)
+        torch._foreach_copy_(ys, tmp)
+
+
 @torch.no_grad()
 def swap_(a: list[Tensor], b: list[Tensor]) -> None:
-    """Exchange the contents of equal-dtype pairs in place, with no temporary.
+    """Exchange the contents of equal-dtype pairs in place, bit-exactly, through a bounded scratch."""
+    Exchanger(a, b).run([0, 0])
 
-    Three XORs of the bit patterns swap two tensors exactly (NaN payloads and
-    signed zeros included) without allocating anything.
+
+def nonfinite_(params: list[Tensor], flag: Tensor) -> None:
+    """Set ``flag`` (a one-element tensor) to 1 if any element of ``params`` is NaN or infinite; no host sync.
+
+    The infinity norm of a tensor is NaN or inf exactly when one of its elements is.
     """
-    for x, y in zip(a, b):
-        xi = x.view(_INT_VIEW[x.element_size()])
-        yi = y.view(_INT_VIEW[y.element_size()])
-        xi.bitwise_xor_(yi)
-        yi.bitwise_xor_(xi)
-        xi.bitwise_xor_(yi)
+    if not params:
+        return
+    norms = torch.stack([n.float() for n in torch._foreach_norm(params, float("inf"))])
+    bad = norms.isfinite().logical_not().any().to(flag.dtype)
+    torch.maximum(flag, bad, out=flag)
+
+
+def guarded_update_(
+    params: list[Tensor], shadows: list[Tensor], weight: float, skip: Tensor, max_elements: int = 1 << 20
+) -> None:
+    """:func:`ema_update_`, except that every shadow stays bit-exactly as it is where ``skip`` is non-zero.
+
+    The decision is taken on the device (``torch.where``), so nothing waits for the
+    host. The new values are computed chunk by chunk into a bounded scratch and
+    written only where ``skip`` is zero; numerically they equal :func:`ema_update_`.
+    """
+    if not params:
+        return
+    keep = skip.reshape(()).bool()
+    capacity = min(max_elements, sum(p.numel() for p in params))
+    capacity = max(capacity, max(p.numel() for p in params))
+    upcast = params[0].dtype != shadows[0].dtype
+    new_buf = torch.empty(capacity, dtype=shadows[0].dtype, device=shadows[0].device)
+    up_buf = torch.empty(capacity, dtype=shadows[0].dtype, device=shadows[0].device) if upcast else None
+    start = 0
+    while start < len(params):
+        stop, total = start, 0
+        while stop < len(params) and (stop == start or total + params[stop].numel() <= capacity):
+            total += params[stop].numel()
+            stop += 1
+        ps, ss = params[start:stop], shadows[start:stop]
+        offsets = [0]
+        for p in ps:
+            offsets.append(offsets[-1] + p.numel())
+        new = [new_buf[o : o + p.numel()].view(p.shape) for o, p in zip(offsets, ps)]
+        torch._foreach_copy_(new, [s for s in ss])
+        if weight == 1.0:
+            torch._foreach_copy_(new, ps)
+        else:
+            src = ps
+            if upcast:
+                src = [up_buf[o : o + p.numel()].view(p.shape) for o, p in zip(offsets, ps)]
+                torch._foreach_copy_(src, ps)
+            torch._foreach_lerp_(new, src, weight)
+        for s, n in zip(ss, new):
+            torch.where(keep, s, n, out=s)
+        start = stop
 
 
 @torch.no_grad()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,7 +22,7 @@ try:
 except ImportError:  # pragma: no cover - builds without distributed support
     DTensor = None
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -115,6 +118,7 @@ class EMAOptimizerWrapper(Optimizer):
         backend: str = "auto",
         buffers: Iterable[Tensor] | None = None,
         ema_device: torch.device | str | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -125,92 +129,222 @@ class EMAOptimizerWrapper(Optimizer):
             raise ValueError(f"Unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
         if ema_dtype is not None and (not isinstance(ema_dtype, torch.dtype) or not ema_dtype.is_floating_point):
             raise ValueError(f"ema_dtype must be a floating torch.dtype or None, got {ema_dtype!r}")
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be a bool, got {type(skip_nonfinite).__name__}")
         buffers = list(buffers) if buffers is not None else []
         for i, b in enumerate(buffers):
             if not isinstance(b, Tensor):
                 raise TypeError(f"buffers[{i}] is a {type(b).__name__}, not a tensor")
+        if ema_device is not None:
+            ema_device = torch.device(ema_device)
+            if ema_device.type == "cpu":
+                ema_device = torch.device("cpu")  # "cpu:0" is the CPU too
 
         self.optimizer = optimizer
         self.schedule = schedule
         self.ema_dtype = ema_dtype
         self.backend = backend
-        # Shared, not copied: a scheduler that changes our lr changes the inner one.
-        self.param_groups = optimizer.param_groups
-        self.defaults = optimizer.defaults
-        self.state = optimizer.state
+        self._init_hooks()
+        self._step = 0
+        self._params: list[Tensor] = []
+        self._param_entry: list[int] = []
+        self._buffers: list[Tensor] = []
+        self._buffer_entry: list[int] = []
+        self._entries: list[_Entry] = []
+        self._regions: dict[tuple, int] = {}
+        self._restore_failed = False
+        self._dispatch = Dispatcher(backend, ema_device, skip_nonfinite)
+        self._track(self._all_params(), buffers)
+
+    # The inner optimizer's own objects, looked up on every access: Optimizer.load_state_dict
+    # replaces the list and the dict, and a scheduler or trainer holding the wrapper must keep
+    # driving the optimizer that steps.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def _init_hooks(self) -> None:
         # What Optimizer.__init__ would create; it is not called because it would add the groups again.
+        # The wrapper's step is not patched by Optimizer's profiling wrapper: the inner step already
+        # runs the global hooks and shows in the profiler, once per step.
         self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._patch_step_function()
-
-        self._step = 0
-        self._params: list[Tensor] = []
-        self._shadows: list[Tensor] = []
-        self._dispatch = Dispatcher(backend, torch.device(ema_device) if ema_device is not None else None)
-        self._buffers = buffers
-        self._float_buffers = [b for b in buffers if b.is_floating_point()]
-        self._other_buffers = [b for b in buffers if not b.is_floating_point()]
-        self._other_buffer_shadows = [b.detach().clone() for b in self._other_buffers]
-        self._buffer_shadows = [self._track(b) for b in self._float_buffers]
-        self._track_new_params()
 
     # ------------------------------------------------------------------ tracking
+    def _all_params(self) -> list[tuple[Tensor, str]]:
+        out = []
+        for group in self.param_groups:
+            out.extend(self._named(group, len(out)))
+        return out
+
+    @staticmethod
+    def _named(group: dict[str, Any], start: int) -> list[tuple[Tensor, str]]:
+        params = list(group["params"])
+        names = group.get("param_names")
+        if not isinstance(names, (list, tuple)) or len(names) != len(params):
+            names = [None] * len(params)
+        return [
+            (p, f"parameter {start + i}" + (f" ({n!r})" if n is not None else ""))
+            for i, (p, n) in enumerate(zip(params, names))
+        ]
+
     def _shadow_dtype(self, t: Tensor) -> torch.dtype:
         return t.dtype if self.ema_dtype is None else torch.promote_types(t.dtype, self.ema_dtype)
 
-    def _track(self, t: Tensor) -> Tensor:
-        """Create ``t``'s shadow (a copy in the shadow dtype, same layout) and register the pair."""
-        # The parameter object itself (not a detached alias), so that the group sees a later
-        # ``p.data = ...`` and rebuilds its table; a DTensor contributes its local shard.
-        with torch.no_grad():
-            return self._dispatch.add(_local(t), self._shadow_dtype(t), self._step)
+    def _plan(self, params: list[tuple[Tensor, str]], buffers: list[Tensor]) -> tuple[list, list, list, list]:
+        """Work out the entries for new parameters and buffers, without changing anything.
 
-    def _track_new_params(self) -> None:
-        params = [p for group in self.param_groups for p in group["params"]]
-        new = params[len(self._params) :]
-        for i, p in enumerate(new, start=len(self._params)):
-            if not p.is_floating_point():
-                raise ValueError(f"parameter {i} has dtype {p.dtype}; an EMA needs floating-point parameters")
-        for p in new:
-            self._shadows.append(self._track(p))
-            self._params.append(p)
+        A tensor that is exactly one already tracked (the same parameter twice, a
+        buffer that is a parameter) maps to the same entry; a partial overlap of
+        memory is refused, since swapping one would corrupt the other.
+        """
+        new_entries: list[_Entry] = []
+        regions = dict(self._regions)
+        spans = [(e.span, e.name) for e in self._entries if e.span is not None]
+        param_entry, buffer_entry = [], []
+        items = [(p, name, False) for p, name in params]
+        items += [(b, f"buffer {len(self._buffers) + i}", True) for i, b in enumerate(buffers)]
+        for t, name, is_buffer in items:
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} is a {type(t).__name__}, not a tensor")
+            local = _local(t)
+            averaged = t.is_floating_point() or t.is_complex()
+            if not averaged and not is_buffer:
+                raise ValueError(f"{name} has dtype {t.dtype}; an EMA needs floating-point parameters")
+            key = _region_key(local)
+            index = regions.get(key)
+            if index is None:
+                span = _span(local)
+                if span is not None:
+                    for other_span, other_name in spans:
+                        if other_span[0] == span[0] and other_span[1] < span[2] and span[1] < other_span[2]:
+                            raise ValueError(
+                                f"{name} and {other_name} overlap in memory without being the same tensor; "
+                                "the EMA cannot average or swap one without corrupting the other. Pass "
+                                "non-overlapping tensors (e.g. buffers=model.buffers(), not model.state_dict())."
+                            )
+                    spans.append((span, name))
+                with torch.no_grad():
+                    shadow_dtype = self._shadow_dtype(t) if averaged else t.dtype
+                    group_key, shadow = self._dispatch.plan(local, shadow_dtype, copy=not averaged)
+                index = len(self._entries) + len(new_entries)
+                regions[key] = index
+                new_entries.append(_Entry(owner=t, shadow=shadow, name=name, key=group_key, span=span))
+            (buffer_entry if is_buffer else param_entry).append(index)
+        return new_entries, param_entry, buffer_entry, [regions]
+
+    def _commit(self, plan: tuple, params: list[tuple[Tensor, str]], buffers: list[Tensor]) -> None:
+        new_entries, param_entry, buffer_entry, (regions,) = plan
+        with torch.no_grad():
+            for e in new_entries:
+                e.shadow.copy_(_local(e.owner))
+                e.slot = self._dispatch.add(e.key, _local(e.owner), e.shadow, e.name, self._step)
+        self._entries.extend(new_entries)
+        self._regions = regions
+        self._params.extend(p for p, _ in params)
+        self._param_entry.extend(param_entry)
+        self._buffers.extend(buffers)
+        self._buffer_entry.extend(buffer_entry)
+
+    def _track(self, params: list[tuple[Tensor, str]], buffers: list[Tensor]) -> None:
+        self._commit(self._plan(params, buffers), params, buffers)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer and track its parameters; on any error neither changes."""
         self._check_not_swapped("add_param_group")
-        self.optimizer.add_param_group(param_group)
-        self._track_new_params()
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        group = dict(param_group)
+        params = group["params"]
+        group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        named = self._named(group, len(self._params))
+        plan = self._plan(named, [])
+        self.optimizer.add_param_group(group)
+        self._commit(plan, named, [])
 
     # ------------------------------------------------------------------ stepping
     def _check_not_swapped(self, what: str) -> None:
         if self._dispatch.swapped:
+            if self._restore_failed:
+                raise RuntimeError(
+                    f"{what}() called while the EMA is still in the model: restoring the trained weights "
+                    "after ema_weights() failed; call restore_trained_weights() first"
+                )
             raise RuntimeError(f"{what}() called inside ema_weights(); leave the context first")
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take a step of the wrapped optimizer, then update the EMA. Returns what the inner step returns."""
+        if self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks:
+            return self._step_with_hooks(closure)
+        return self._step_once(closure)
+
+    def _step_with_hooks(self, closure: Callable[[], Any] | None) -> Any:
+        args: tuple = (self,)
+        kwargs: dict[str, Any] = {} if closure is None else {"closure": closure}
+        for hook in list(self._optimizer_step_pre_hooks.values()):
+            result = hook(self, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(f"a step pre-hook must return None or (args, kwargs), got {result!r}")
+                args, kwargs = result
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        out = self._step_once(closure)
+        for hook in list(self._optimizer_step_post_hooks.values()):
+            hook(self, args, kwargs)
+        return out
+
+    def _step_once(self, closure: Callable[[], Any] | None) -> Any:
         self._check_not_swapped("step")
+        if not self.optimizer.state and _initialising_state():
+            # torch.distributed.checkpoint creates optimizer state by stepping with zero
+            # gradients and learning rates; that is not a training step.
+            return self.optimizer.step() if closure is None else self.optimizer.step(closure)
         self._dispatch.before_step()
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         self.update_ema()
         return loss
 
-    # Runs eagerly even when step() is traced by torch.compile: dynamo would drop the
-    # step-count mutation on the optimizer object, and the kernels launch on their own.
-    @torch.compiler.disable
-    @torch.no_grad()
     def update_ema(self) -> None:
         """Count one successful step and update the EMA; :meth:`step` calls it after the inner step.
 
         Call it yourself only when you step the wrapped optimizer directly.
         """
+        if torch.compiler.is_compiling():
+            return self._update_ema_eagerly()
         self._check_not_swapped("update_ema")
-        self._step += 1
-        self._dispatch.update(self._step, self.schedule)
-        if self._other_buffers and self.schedule.weight(self._step) is not None:
-            torch._foreach_copy_(self._other_buffer_shadows, self._other_buffers)
+        with torch.no_grad():
+            self._step += 1
+            self._dispatch.update(self._step, self.schedule)
+
+    # Runs eagerly even when step() is traced by torch.compile: dynamo would drop the
+    # step-count mutation on the optimizer object, and the kernels launch on their own.
+    @torch.compiler.disable
+    def _update_ema_eagerly(self) -> None:
+        self.update_ema()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -221,22 +355,25 @@ class EMAOptimizerWrapper(Optimizer):
         device_step = self._dispatch.device_step()
         return self._step if device_step is None else device_step
 
+    @property
+    def skipped_updates(self) -> int:
+        """Updates left out by ``skip_nonfinite=True`` because a parameter held NaN or inf."""
+        return self._dispatch.skipped_updates()
+
     def current_decay(self) -> float | None:
         """The decay the next step will use, or ``None`` if it makes no update."""
         return self.schedule.decay_at(self.num_steps + 1)
 
     # ------------------------------------------------------------------ reading and swapping
-    def _ema_locals(self) -> list[Tensor]:
-        """Local tensors holding the EMA of each parameter and floating buffer, in order."""
-        holder = {}
-        for g in self._dispatch.groups.values():
-            for s, h in zip(g.shadows, self._dispatch.ema_holder(g)):
-                holder[id(s)] = h
-        return [holder[id(s)] for s in self._shadows + self._buffer_shadows]
-
-    def _other_ema(self) -> list[Tensor]:
-        """The tensors that hold the copies of the non-floating buffers right now (swapped, like the rest)."""
-        return self._other_buffers if self._dispatch.swapped else self._other_buffer_shadows
+    def _holders(self) -> list[Tensor]:
+        """Per entry, the local tensor that holds its EMA right now."""
+        self._dispatch.join()
+        groups = self._dispatch.groups
+        out = []
+        for e in self._entries:
+            g = groups[e.key]
+            out.append(g.sources[e.slot] if (self._dispatch.swapped and g.exchanges) else g.shadows[e.slot])
+        return out
 
     def _as_global(self, local: Tensor, like: Tensor) -> Tensor:
         if _is_dtensor(like):
@@ -252,24 +389,22 @@ class EMAOptimizerWrapper(Optimizer):
         :meth:`ema_weights` the EMA lives in the parameters, and the returned
         tensors are the parameters themselves where dtypes are equal.
         """
-        locals_ = self._ema_locals()[: len(self._params)]
-        return [self._as_global(s, p) for s, p in zip(locals_, self._params)]
+        holders = self._holders()
+        return [self._as_global(holders[i], p) for i, p in zip(self._param_entry, self._params)]
 
     def ema_buffers(self) -> list[Tensor]:
         """The EMA of each floating buffer and the copy of each other buffer, in the order given."""
-        float_iter = iter(self._ema_locals()[len(self._params) :])
-        other_iter = iter(self._other_ema())
-        return [next(float_iter) if b.is_floating_point() else next(other_iter) for b in self._buffers]
+        holders = self._holders()
+        return [self._as_global(holders[i], b) for i, b in zip(self._buffer_entry, self._buffers)]
 
     @torch.no_grad()
     def copy_ema_to_params(self) -> None:
         """Write the EMA into the parameters (and buffers) for good, e.g. before exporting the model."""
         self._check_not_swapped("copy_ema_to_params")
         self._dispatch.join()
+        self._dispatch.refresh()
         for g in self._dispatch.groups.values():
-            torch._foreach_copy_(g.params, g.shadows)
-        if self._other_buffers:
-            torch._foreach_copy_(self._other_buffers, self._other_buffer_shadows)
+            torch._foreach_copy_(g.params, g.real_shadows)
 
     @contextmanager
     def ema_weights(self) -> Iterator[EMAOptimizerWrapper]:
@@ -278,120 +413,297 @@ class EMAOptimizerWrapper(Optimizer):
         The swap is in place, so a compiled model or anything else holding the
         parameters sees it. On exit, also when the body raises, the trained
         values come back bit-exactly and the shadows are as they were, provided
-        the body did not modify the parameters. It does not nest, and
+        the body did not modify the parameters. It is a transaction: if swapping
+        in or out fails part-way (an exception, ``KeyboardInterrupt``), every
+        tensor is left as it was before that swap. It does not nest, and
         :meth:`step` inside it raises.
         """
-        if self._dispatch.swapped:
+        if self._dispatch.swapped and not self._restore_failed:
             raise RuntimeError("ema_weights() is already active; it does not nest")
-        from triton_ema.reference import swap_
-
-        buffers_swapped = False
+        self._check_not_swapped("ema_weights")
         try:
             self._dispatch.swap_in()
-            if self._other_buffers:
-                swap_(self._other_buffers, self._other_buffer_shadows)
-                buffers_swapped = True
             yield self
         finally:
-            # Undo exactly what was done, also when the swap itself failed part-way.
-            if buffers_swapped:
-                swap_(self._other_buffers, self._other_buffer_shadows)
+            if self._dispatch.swapped:
+                self._swap_out()
+
+    def _swap_out(self) -> None:
+        try:
             self._dispatch.swap_out()
+        except BaseException as first:
+            # Rolled back: the EMA is still fully in the model. One more try covers a passing fault.
+            try:
+                self._dispatch.swap_out()
+            except BaseException as e:
+                self._restore_failed = True
+                raise RuntimeError(
+                    "could not put the trained weights back after ema_weights(); the model holds the EMA and "
+                    "the trained weights are kept by the wrapper: call restore_trained_weights() once the "
+                    f"cause is fixed ({type(e).__name__}: {e})"
+                ) from e
+            raise first
+        self._restore_failed = False
+
+    def restore_trained_weights(self) -> None:
+        """Put the trained weights back after a failed exit from :meth:`ema_weights`; a no-op otherwise."""
+        if self._dispatch.swapped:
+            self._dispatch.swap_out()
+        self._restore_failed = False
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state dict with an ``"ema"`` entry: shadows, step count and configuration.
-
-        Shadows are the live tensors (as in ``Optimizer.state_dict``), except
-        inside :meth:`ema_weights`, where they are copies.
-        """
-        state = self.optimizer.state_dict()
-        holders = self._ema_locals()
-        others = self._other_ema()
-        if self._dispatch.swapped:
-            holders = [h.clone() for h in holders]
-            others = [o.clone() for o in others]
-        n = len(self._params)
-        state["ema"] = {
+    def _ema_meta(self) -> dict[str, Any]:
+        return {
             "format_version": _FORMAT_VERSION,
             "step": self.num_steps,
+            "skipped_updates": self.skipped_updates,
             "schedule": self.schedule.to_dict(),
-            "shadows": [self._as_global(h, p) for h, p in zip(holders[:n], self._params)],
-            "buffer_shadows": [self._as_global(h, b) for h, b in zip(holders[n:], self._float_buffers)],
-            "other_buffer_shadows": list(others),
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict, with the EMA in it.
+
+        Every parameter's entry in ``"state"`` also holds ``"ema_shadow"``, its
+        EMA (a DTensor for DTensor parameters), and every entry of
+        ``"param_groups"`` holds ``"ema"``: the format version, the step count,
+        the skipped-update count and the schedule. So tools that key optimizer
+        state by parameter name and reshard it (``torch.distributed.checkpoint``'s
+        ``get_optimizer_state_dict``) carry the EMA with them. Buffer EMAs are in
+        ``"ema_buffers"``. Shadows are the live tensors (as in
+        ``Optimizer.state_dict``), except inside :meth:`ema_weights`, where they
+        are copies.
+        """
+        for hook in list(self._optimizer_state_dict_pre_hooks.values()):
+            hook(self)
+        state = self.optimizer.state_dict()
+        holders = self._holders()
+        if self._dispatch.swapped:
+            holders = [h.clone() for h in holders]
+        packed_state = dict(state["state"])
+        position = 0
+        for group in state["param_groups"]:
+            for key in group["params"]:
+                p = self._params[position]
+                shadow = self._as_global(holders[self._param_entry[position]], p)
+                # A copy of the entry: the inner state dict's values are the optimizer's live dicts.
+                packed_state[key] = {**packed_state.get(key, {}), "ema_shadow": shadow}
+                position += 1
+            group["ema"] = self._ema_meta()
+        state["state"] = packed_state
+        if self._buffers:
+            state["ema_buffers"] = [self._as_global(holders[i], b) for i, b in zip(self._buffer_entry, self._buffers)]
+        for hook in list(self._optimizer_state_dict_post_hooks.values()):
+            result = hook(self, state)
+            if result is not None:
+                state = result
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`. A state dict that does not fit raises ``ValueError`` and changes nothing.
 
         The schedule is restored too (as ``Optimizer.load_state_dict`` restores
-        the learning rate); the backend and ``ema_dtype`` stay as constructed,
-        and shadows are copied into the existing ones.
+        the learning rate); the backend, ``ema_dtype`` and ``ema_device`` stay as
+        constructed, and shadows are copied into the existing ones. State dicts of
+        format 1 (an ``"ema"`` entry at the top) load too.
         """
         self._check_not_swapped("load_state_dict")
-        state_dict = dict(state_dict)
-        ema = state_dict.pop("ema", None)
-        if not isinstance(ema, dict):
-            raise ValueError(
-                "state dict has no 'ema' entry: it was not saved by EMAOptimizerWrapper "
-                "(to load only the wrapped optimizer's state, call wrapper.optimizer.load_state_dict)"
-            )
-        self._validate(state_dict, ema)
-        schedule = Schedule(**ema["schedule"])
+        for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        inner, meta, shadows, buffer_shadows = self._parse(state_dict)
+        schedule = Schedule(**meta["schedule"])
 
         self._dispatch.join()
-        self.optimizer.load_state_dict(state_dict)
+        self.optimizer.load_state_dict(inner)
         with torch.no_grad():
-            targets = self._shadows + self._buffer_shadows + self._other_buffer_shadows
-            sources = ema["shadows"] + ema["buffer_shadows"] + ema["other_buffer_shadows"]
-            for target, source in zip(targets, sources):
-                target.copy_(_local(source))
+            for position, source in enumerate(shadows):
+                self._entries[self._param_entry[position]].shadow.copy_(_local(source))
+            if buffer_shadows is not None:
+                for position, source in enumerate(buffer_shadows):
+                    self._entries[self._buffer_entry[position]].shadow.copy_(_local(source))
         self.schedule = schedule
-        self._step = int(ema["step"])
+        self._step = meta["step"]
         self._dispatch.set_step(self._step)
+        self._dispatch.set_skipped(meta["skipped_updates"])
+        for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
+            hook(self)
 
-    def _validate(self, state_dict: dict[str, Any], ema: dict[str, Any]) -> None:
-        if ema.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"unknown EMA state format {ema.get('format_version')!r}; expected {_FORMAT_VERSION}")
-        missing = {"step", "schedule", "shadows", "buffer_shadows", "other_buffer_shadows"} - ema.keys()
-        if missing:
-            raise ValueError(f"EMA state is missing {sorted(missing)}")
-        step = ema["step"]
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"EMA step must be a non-negative int, got {step!r}")
-        try:
-            Schedule(**ema["schedule"])
-        except TypeError as e:
-            raise ValueError(f"EMA schedule in the state dict is invalid: {e}") from e
-
-        groups = state_dict.get("param_groups")
-        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
-            n = len(groups) if isinstance(groups, list) else None
-            raise ValueError(f"state dict has {n} parameter groups, this optimizer has {len(self.param_groups)}")
+    def _parse(self, state_dict: Any) -> tuple[dict, dict, list[Tensor], list[Tensor] | None]:
+        """Split a state dict into the inner optimizer's part and the EMA, checking everything."""
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"state dict must be a mapping, got {type(state_dict).__name__}")
+        state, groups = state_dict.get("state"), state_dict.get("param_groups")
+        if not isinstance(state, Mapping):
+            raise ValueError("state dict has no 'state' mapping: it is not an optimizer state dict")
+        if not isinstance(groups, list):
+            raise ValueError("state dict has no 'param_groups' list: it is not an optimizer state dict")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"state dict has {len(groups)} parameter groups, this optimizer has {len(self.param_groups)}"
+            )
         for i, (saved, ours) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
+                raise ValueError(f"parameter group {i} in the state dict is not a dict with a 'params' list")
             if len(saved["params"]) != len(ours["params"]):
                 raise ValueError(
                     f"parameter group {i} has {len(saved['params'])} parameters in the state dict, "
                     f"{len(ours['params'])} here"
                 )
+        keys = [k for g in groups for k in g["params"]]
 
-        def check(kind: str, saved: list, ours: list[Tensor]) -> None:
-            if len(saved) != len(ours):
-                raise ValueError(f"state dict has {len(saved)} {kind}, this wrapper tracks {len(ours)}")
-            for i, (s, o) in enumerate(zip(saved, ours)):
-                if not isinstance(s, Tensor) or s.shape != o.shape:
-                    got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
-                    raise ValueError(f"{kind}[{i}] has shape {got} in the state dict, {tuple(o.shape)} here")
-                if _local(s).shape != _local(o).shape:
-                    raise ValueError(
-                        f"{kind}[{i}] has local shard shape {tuple(_local(s).shape)} in the state dict, "
-                        f"{tuple(_local(o).shape)} here"
-                    )
+        if "ema" in state_dict:  # format 1
+            meta = state_dict["ema"]
+            if not isinstance(meta, Mapping) or meta.get("format_version") != 1:
+                raise ValueError("the state dict's 'ema' entry is not an EMA state of format 1")
+            missing = {"step", "schedule", "shadows", "buffer_shadows", "other_buffer_shadows"} - meta.keys()
+            if missing:
+                raise ValueError(f"EMA state is missing {sorted(missing)}")
+            for kind in ("shadows", "buffer_shadows", "other_buffer_shadows"):
+                if not isinstance(meta[kind], list):
+                    raise ValueError(f"EMA {kind} must be a list, got {type(meta[kind]).__name__}")
+            shadows = meta["shadows"]
+            floats, others = iter(meta["buffer_shadows"]), iter(meta["other_buffer_shadows"])
+            n_float = sum(b.is_floating_point() for b in self._buffers)
+            if (
+                len(meta["buffer_shadows"]) != n_float
+                or len(meta["other_buffer_shadows"]) != len(self._buffers) - n_float
+            ):
+                raise ValueError(
+                    f"state dict has {len(meta['buffer_shadows'])} + {len(meta['other_buffer_shadows'])} buffer "
+                    f"shadows, this wrapper tracks {len(self._buffers)} buffers"
+                )
+            buffer_shadows = [next(floats) if b.is_floating_point() else next(others) for b in self._buffers]
+            meta = {**meta, "skipped_updates": 0}
+            inner = {k: v for k, v in state_dict.items() if k != "ema"}
+        else:
+            metas = [g.get("ema") for g in groups]
+            if not metas or not isinstance(metas[0], Mapping):
+                raise ValueError(
+                    "state dict has no EMA in it: it was not saved by EMAOptimizerWrapper "
+                    "(to load only the wrapped optimizer's state, call wrapper.optimizer.load_state_dict)"
+                )
+            meta = metas[0]
+            if any(m != meta for m in metas[1:]):
+                raise ValueError("the parameter groups of the state dict disagree about the EMA's step or schedule")
+            if meta.get("format_version") != _FORMAT_VERSION:
+                raise ValueError(f"unknown EMA state format {meta.get('format_version')!r}; expected {_FORMAT_VERSION}")
+            meta = {"skipped_updates": 0, **meta}
+            shadows = []
+            for position, key in enumerate(keys):
+                entry = state.get(key)
+                if not isinstance(entry, Mapping) or "ema_shadow" not in entry:
+                    raise ValueError(f"state dict has no 'ema_shadow' for {self._entry_name(position)} (key {key!r})")
+                shadows.append(entry["ema_shadow"])
+            buffer_shadows = state_dict.get("ema_buffers")
+            if buffer_shadows is None and self._buffers:
+                warnings.warn(
+                    "the state dict has no buffer EMAs ('ema_buffers'; torch.distributed.checkpoint's helpers "
+                    "carry only per-parameter state): the tracked buffers keep their current EMA",
+                    stacklevel=3,
+                )
+            elif buffer_shadows is not None and (
+                not isinstance(buffer_shadows, list) or len(buffer_shadows) != len(self._buffers)
+            ):
+                n = len(buffer_shadows) if isinstance(buffer_shadows, list) else type(buffer_shadows).__name__
+                raise ValueError(f"state dict has {n} buffer shadows, this wrapper tracks {len(self._buffers)} buffers")
+            strip = {k: {n: v for n, v in e.items() if n != "ema_shadow"} for k, e in state.items()}
+            inner = {k: v for k, v in state_dict.items() if k not in ("state", "param_groups", "ema_buffers")}
+            inner["state"] = {k: v for k, v in strip.items() if v}
+            inner["param_groups"] = [{n: v for n, v in g.items() if n != "ema"} for g in groups]
 
-        check("shadows", ema["shadows"], self._params)
-        check("buffer_shadows", ema["buffer_shadows"], self._float_buffers)
-        check("other_buffer_shadows", ema["other_buffer_shadows"], self._other_buffers)
+        step, skipped = meta.get("step"), meta.get("skipped_updates")
+        for name, value in (("step", step), ("skipped_updates", skipped)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"EMA {name} must be a non-negative int, got {value!r}")
+        if not isinstance(meta.get("schedule"), Mapping):
+            raise ValueError("EMA state has no schedule")
+        try:
+            Schedule(**meta["schedule"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"EMA schedule in the state dict is invalid: {e}") from e
+        if len(shadows) != len(self._params):
+            raise ValueError(f"state dict has {len(shadows)} shadows, this wrapper tracks {len(self._params)}")
+        for position, (s, p) in enumerate(zip(shadows, self._params)):
+            self._check_shadow(s, p, f"shadows[{position}]", averaged=True)
+        if buffer_shadows is not None:
+            for position, (s, b) in enumerate(zip(buffer_shadows, self._buffers)):
+                self._check_shadow(
+                    s, b, f"buffer_shadows[{position}]", averaged=b.is_floating_point() or b.is_complex()
+                )
+        return inner, meta, shadows, buffer_shadows
+
+    def _entry_name(self, position: int) -> str:
+        return self._entries[self._param_entry[position]].name
+
+    @staticmethod
+    def _check_shadow(s: Any, ours: Tensor, kind: str, averaged: bool) -> None:
+        if not isinstance(s, Tensor):
+            raise ValueError(f"{kind} in the state dict is a {type(s).__name__}, not a tensor")
+        if s.device.type == "meta":
+            raise ValueError(f"{kind} in the state dict is on the meta device: it holds no values")
+        if s.shape != ours.shape:
+            raise ValueError(f"{kind} has shape {tuple(s.shape)} in the state dict, {tuple(ours.shape)} here")
+        if _local(s).shape != _local(ours).shape:
+            raise ValueError(
+                f"{kind} has local shard shape {tuple(_local(s).shape)} in the state dict, "
+                f"{tuple(_local(ours).shape)} here"
+            )
+        if averaged:
+            if ours.is_complex() and not s.is_complex():
+                raise ValueError(
+                    f"{kind} has dtype {s.dtype} in the state dict; a complex parameter needs a complex EMA"
+                )
+            if not ours.is_complex() and not s.is_floating_point():
+                raise ValueError(
+                    f"{kind} has dtype {s.dtype} in the state dict; an EMA of real values must be floating"
+                )
+        elif s.dtype != ours.dtype:
+            raise ValueError(f"{kind} has dtype {s.dtype} in the state dict, {ours.dtype} here")
+
+    # ------------------------------------------------------------------ copying and pickling
+    def __getstate__(self) -> dict[str, Any]:
+        if self._dispatch.swapped:
+            raise RuntimeError("cannot copy or pickle the wrapper inside ema_weights(); leave the context first")
+        self._dispatch.join()
+        return {
+            "optimizer": self.optimizer,
+            "schedule": self.schedule,
+            "ema_dtype": self.ema_dtype,
+            "backend": self.backend,
+            "ema_device": self._dispatch.ema_device,
+            "skip_nonfinite": self._dispatch.skip_nonfinite,
+            "params": self._params,
+            "param_entry": self._param_entry,
+            "buffers": self._buffers,
+            "buffer_entry": self._buffer_entry,
+            "entries": [(e.owner, e.shadow, e.name) for e in self._entries],
+            "step": self.num_steps,
+            "skipped_updates": self.skipped_updates,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.optimizer = state["optimizer"]
+        self.schedule = state["schedule"]
+        self.ema_dtype = state["ema_dtype"]
+        self.backend = state["backend"]
+        self._init_hooks()
+        self._step = state["step"]
+        self._params = list(state["params"])
+        self._param_entry = list(state["param_entry"])
+        self._buffers = list(state["buffers"])
+        self._buffer_entry = list(state["buffer_entry"])
+        self._restore_failed = False
+        self._dispatch = Dispatcher(self.backend, state["ema_device"], state["skip_nonfinite"])
+        self._entries, self._regions = [], {}
+        for owner, shadow, name in state["entries"]:
+            local = _local(owner)
+            averaged = owner.is_floating_point() or owner.is_complex()
+            key, _ = self._dispatch.plan(local, shadow.dtype, copy=not averaged)
+            slot = self._dispatch.add(key, local, shadow, name, self._step)
+            self._regions[_region_key(local)] = len(self._entries)
+            self._entries.append(_Entry(owner=owner, shadow=shadow, name=name, key=key, span=_span(local), slot=slot))
+        self._dispatch.set_skipped(state["skipped_updates"])
 
     # ------------------------------------------------------------------ display
     def __repr__(self) -> str:
@@ -401,5 +713,52 @@ class EMAOptimizerWrapper(Optimizer):
             f"{type(self).__name__}(decay={s.decay}, warmup={s.warmup!r}, min_decay={s.min_decay}, "
             f"update_after_step={s.update_after_step}, update_every={s.update_every}, "
             f"ema_dtype={self.ema_dtype}, backend={self.backend!r}, ema_device={self._dispatch.ema_device}, "
-            f"steps={self._step})(\n{inner}\n)"
+            f"skip_nonfinite={self._dispatch.skip_nonfinite}, steps={self._step})(\n{inner}\n)"
         )
+
+
+@dataclass
+class _Entry:
+    """One tracked memory region: the tensor the user gave (``owner``) and its shadow."""
+
+    owner: Tensor
+    shadow: Tensor
+    name: str
+    key: tuple
+    span: tuple | None
+    slot: int = -1  # its place in the dispatcher's group
+
+
+def _region_key(t: Tensor) -> tuple:
+    """Equal exactly for tensors that are the same view of the same memory."""
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+
+
+def _span(t: Tensor) -> tuple | None:
+    """``(device, first byte, end byte)`` of the memory ``t`` can reach, or None when it holds no elements."""
+    if t.numel() == 0:
+        return None
+    size = t.element_size()
+    low = sum(min(0, (n - 1) * st) for n, st in zip(t.shape, t.stride())) * size
+    high = (sum(max(0, (n - 1) * st) for n, st in zip(t.shape, t.stride())) + 1) * size
+    return (t.device, t.data_ptr() + low, t.data_ptr() + high)
+
+
+def _initialising_state() -> bool:
+    """True when the caller is torch.distributed.checkpoint's optimizer-state initialisation.
+
+    ``_init_optim_state`` steps a fresh optimizer once with zero gradients and
+    learning rates so that its state exists before loading; counting that as an
+    EMA step would move the average and the step count. It is recognised by its
+    frame (a few levels up, past wrappers such as an LR scheduler's step counter).
+    """
+    frame = sys._getframe(2)
+    for _ in range(6):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_init_optim_state" and frame.f_globals.get("__name__", "").startswith(
+            "torch.distributed.checkpoint"
+        ):
+            return True
+        frame = frame.f_back
+    return False
