@@ -1,0 +1,349 @@
+"""Choose the EMA length after training: post-hoc reconstruction from power-function EMA snapshots (EDM2).
+
+A run that tracked at least two power-function profiles and saved their snapshots (see
+:mod:`triton_ema.snapshot` for the directory format) can produce the EMA of any other relative width
+``σ_rel`` afterwards, as a least-squares combination of the snapshots:
+
+1. over the snapshots ``i`` taken up to the target time (every profile, every time), ``A_ij = ⟨p_i, p_j⟩`` and
+   ``b_i = ⟨p_i, p_target⟩`` (:func:`triton_ema.profiles.profile_inner_product`);
+2. ``A x = b`` is solved in float64 and ``x`` normalised to ``Σ x = 1``;
+3. the EMA is ``Σ x_i θ_i``, accumulated in fp32 one snapshot file at a time, so peak memory is about one model
+   per requested ``σ_rel`` plus one tensor being read.
+
+The target time defaults to the last snapshot's; ``step=`` picks an earlier one, and then only the snapshots taken
+up to it are used (later ones hold weights from after it).
+
+**Ranks.** Each rank's index is reconstructed from its own files (reconstruction is elementwise linear, so a shard
+reconstructs on its own). ``rank=r`` returns rank ``r``'s tensors as stored (its local shards). ``rank=None``
+returns the one rank's tensors when the directory holds one rank, and with several ranks assembles the full
+tensors from the shard placements recorded in the index; without placements it refuses and asks for ``rank=``.
+
+Example:
+    >>> from triton_ema import posthoc                                   # doctest: +SKIP
+    >>> state = posthoc.reconstruct("runs/ema", sigma_rel=0.15)         # doctest: +SKIP
+    >>> model.load_state_dict(state, strict=False)                       # doctest: +SKIP
+
+Command line (one file per σ_rel, one pass over the snapshots, with a progress bar)::
+
+    python -m triton_ema.posthoc runs/ema --sigma-rel 0.08,0.12,0.15 --out runs/ema-posthoc/
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from triton_ema.profiles import _check_sigma_rel, sigma_rel_to_gamma, solve_coefficients
+from triton_ema.snapshot import index_name, read_index
+
+
+def _load(directory: str) -> dict[int, list[dict[str, Any]]]:
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory!r} is not a directory")
+    indexes = read_index(directory)
+    if not indexes:
+        raise ValueError(f"no snapshot index (index-r*.json) in {directory!r}")
+    return indexes
+
+
+def _offset(entries: Sequence[dict[str, Any]]) -> float | None:
+    """``step − t`` (update_after_step) if it is the same for every entry, else None."""
+    offsets = {float(e["step"]) - float(e["t"]) for e in entries}
+    return offsets.pop() if len(offsets) == 1 else None
+
+
+def _plan(entries: Sequence[dict[str, Any]], step: int | None, where: str) -> tuple[list[dict[str, Any]], int, float]:
+    """The entries used, the target step and the target time."""
+    if not entries:
+        raise ValueError(f"{where} lists no snapshots")
+    last = max(entries, key=lambda e: (e["step"], e["t"]))
+    if step is None:
+        step, target_t = int(last["step"]), float(last["t"])
+    else:
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"step must be an int, got {type(step).__name__}")
+        if step > last["step"]:
+            raise ValueError(
+                f"Invalid step value: {step}. It is after the last snapshot (step {last['step']}) in {where}; "
+                "a reconstruction can only target times the snapshots cover."
+            )
+        at_step = [e for e in entries if e["step"] == step]
+        if at_step:
+            target_t = float(at_step[0]["t"])
+        else:
+            offset = _offset(entries)
+            if offset is None:
+                raise ValueError(f"step {step} is not a snapshot step, and the snapshots' step − t is not constant")
+            target_t = step - offset
+    if not target_t > 0:
+        raise ValueError(f"the target step {step} has time t = {target_t} <= 0 (before update_after_step)")
+    # Later snapshots hold weights from after the target. (At a snapshot time they would get zero weight anyway:
+    # on [0, t] each is a multiple of a snapshot at t, and its tail beyond t is orthogonal to the target.)
+    used = sorted((e for e in entries if float(e["t"]) <= target_t), key=lambda e: (e["step"], e["profile"]))
+    gammas = {float(e["gamma"]) for e in used}
+    if len(gammas) < 2:
+        raise ValueError(
+            f"post-hoc reconstruction needs snapshots of at least two distinct profiles (gamma values) up to step "
+            f"{step}; {where} has {len(used)} snapshot(s) with gamma in {sorted(gammas)}"
+        )
+    first = used[0]
+    for e in used[1:]:
+        if set(e["tensors"]) != set(first["tensors"]):
+            missing = sorted(set(first["tensors"]) ^ set(e["tensors"]))
+            raise ValueError(f"snapshots {first['file']} and {e['file']} hold different tensors: {missing[:5]}")
+        for name, meta in e["tensors"].items():
+            if list(meta["shape"]) != list(first["tensors"][name]["shape"]):
+                raise ValueError(
+                    f"mismatched shapes between snapshots: {name!r} is {list(first['tensors'][name]['shape'])} in "
+                    f"{first['file']} but {list(meta['shape'])} in {e['file']}"
+                )
+    return used, step, target_t
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional; the reconstruction does not need it
+        return None
+    return tqdm(total=total, desc=desc, unit="file")
+
+
+def _accumulate(
+    directory: str,
+    used: Sequence[dict[str, Any]],
+    coeffs: Tensor,
+    dtype: torch.dtype,
+    bar: Any,
+) -> list[dict[str, Tensor]]:
+    from safetensors import safe_open
+
+    names = list(used[0]["tensors"])
+    shapes = {n: tuple(used[0]["tensors"][n]["shape"]) for n in names}
+    outs = [{n: torch.zeros(shapes[n], dtype=dtype) for n in names} for _ in range(coeffs.shape[1])]
+    for i, entry in enumerate(used):
+        path = os.path.join(directory, entry["file"])
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"the index lists {entry['file']}, which is not in {directory!r}")
+        with safe_open(path, framework="pt", device="cpu") as f:
+            present = set(f.keys())
+            for n in names:
+                if n not in present:
+                    raise ValueError(f"{entry['file']} does not hold tensor {n!r} that its index entry lists")
+                x = f.get_tensor(n)
+                if tuple(x.shape) != shapes[n]:
+                    raise ValueError(
+                        f"mismatched shapes between snapshots: {n!r} is {list(shapes[n])} in the index but "
+                        f"{list(x.shape)} in {entry['file']}"
+                    )
+                x = x.to(dtype)
+                for k, out in enumerate(outs):
+                    out[n].add_(x, alpha=float(coeffs[i, k]))
+                del x
+        if bar is not None:
+            bar.update(1)
+    return outs
+
+
+def _assemble(per_rank: dict[int, list[dict[str, Tensor]]], entries: dict[int, dict[str, Any]]) -> list[dict]:
+    """Full tensors from each rank's reconstructed shards, placed where the index's ``shards`` say."""
+    ranks = sorted(per_rank)
+    count = len(per_rank[ranks[0]])
+    out: list[dict[str, Tensor]] = [{} for _ in range(count)]
+    names: list[str] = []
+    for r in ranks:
+        for n in entries[r]["tensors"]:
+            if n not in names:
+                names.append(n)
+    for n in names:
+        holders = [r for r in ranks if n in entries[r]["tensors"]]
+        missing = [r for r in holders if n not in entries[r].get("shards", {})]
+        if missing:
+            raise ValueError(
+                f"{len(ranks)} ranks' snapshots, but rank {missing[0]}'s tensor {n!r} has no shard placement; "
+                "pass rank= to reconstruct one rank's tensors"
+            )
+        places = [entries[r]["shards"][n] for r in holders]
+        dim, shape = places[0]["dim"], list(places[0]["global_shape"])
+        if any(p["dim"] != dim or list(p["global_shape"]) != shape for p in places):
+            raise ValueError(f"the ranks disagree on how {n!r} is sharded: {places}")
+        covered = sum(entries[r]["tensors"][n]["shape"][dim] for r in holders)
+        if covered != shape[dim]:
+            raise ValueError(f"the shards of {n!r} cover {covered} of its {shape[dim]} rows along dim {dim}")
+        for k in range(count):
+            full = torch.empty(shape, dtype=per_rank[holders[0]][k][n].dtype)
+            for r, p in zip(holders, places):
+                piece = per_rank[r][k].pop(n)
+                full.narrow(dim, p["offset"], piece.shape[dim]).copy_(piece)
+            out[k][n] = full
+    return out
+
+
+def _save(path: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({n: t.contiguous() for n, t in tensors.items()}, tmp, metadata={k: str(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+
+
+def output_name(sigma_rel: float, step: int, rank: int | None = None) -> str:
+    """The CLI's file name for one reconstruction: ``ema-posthoc-sigma{σ}-s{step:09d}[-r{rank}].safetensors``."""
+    suffix = "" if rank is None else f"-r{rank}"
+    return f"ema-posthoc-sigma{sigma_rel:g}-s{step:09d}{suffix}.safetensors"
+
+
+def _reconstruct(
+    directory: str | os.PathLike,
+    sigma_rels: Iterable[float],
+    step: int | None,
+    rank: int | None,
+    progress: bool,
+    dtype: torch.dtype,
+) -> tuple[list[dict[str, Tensor]], dict[str, Any]]:
+    """The reconstructions and what they target: ``{"step", "t", "snapshots"}``."""
+    sigmas = [_check_sigma_rel(s) for s in sigma_rels]
+    if not sigmas:
+        raise ValueError("reconstruct_many needs at least one sigma_rel")
+    gammas = [sigma_rel_to_gamma(s) for s in sigmas]
+    directory = os.fspath(directory)
+    indexes = _load(directory)
+    if rank is not None:
+        if rank not in indexes:
+            raise ValueError(f"Invalid rank value: {rank}. {directory!r} holds the indexes of ranks {sorted(indexes)}")
+        indexes = {rank: indexes[rank]}
+    elif len(indexes) > 1:
+        # Every rank must reconstruct the same snapshot set, or the assembled tensors would mix different EMAs.
+        keys = [{(e["step"], e["profile"]) for e in entries} for entries in indexes.values()]
+        common = set.intersection(*keys)
+        if any(k != common for k in keys):
+            warnings.warn(
+                f"the ranks' snapshot sets differ (a rank stopped early?); using the {len(common)} snapshots "
+                "all ranks hold",
+                stacklevel=3,
+            )
+            indexes = {r: [e for e in entries if (e["step"], e["profile"]) in common] for r, entries in indexes.items()}
+    plans = {r: _plan(entries, step, os.path.join(directory, index_name(r))) for r, entries in indexes.items()}
+    bar = _progress(sum(len(p[0]) for p in plans.values()), progress, "posthoc EMA")
+    per_rank: dict[int, list[dict[str, Tensor]]] = {}
+    try:
+        for r, (used, _, target_t) in plans.items():
+            coeffs = solve_coefficients([(float(e["t"]), float(e["gamma"])) for e in used], target_t, gammas)
+            per_rank[r] = _accumulate(directory, used, coeffs, dtype, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if len(per_rank) == 1:
+        results = next(iter(per_rank.values()))
+    else:
+        results = _assemble(per_rank, {r: p[0][0] for r, p in plans.items()})
+    used, target_step, target_t = next(iter(plans.values()))
+    return results, {"step": target_step, "t": target_t, "snapshots": len(used), "sigmas": sigmas, "gammas": gammas}
+
+
+def _write_outputs(out_dir: str, results: list[dict[str, Tensor]], info: dict[str, Any], rank: int | None) -> list:
+    paths = []
+    for s, g, tensors in zip(info["sigmas"], info["gammas"], results):
+        path = os.path.join(out_dir, output_name(s, info["step"], rank))
+        meta = {"sigma_rel": s, "gamma": g, "step": info["step"], "t": info["t"], "snapshots": info["snapshots"]}
+        _save(path, tensors, meta)
+        paths.append(path)
+    return paths
+
+
+def reconstruct_many(
+    directory: str | os.PathLike,
+    sigma_rels: Iterable[float],
+    *,
+    step: int | None = None,
+    rank: int | None = None,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> list[dict[str, Tensor]]:
+    """The EMAs of several relative widths in one pass over the snapshot files: one ``{name: tensor}`` each.
+
+    Args:
+        directory: a snapshot directory written by :class:`triton_ema.snapshot.SnapshotWriter`.
+        sigma_rels: the relative widths wanted, each in ``(0, 12**-0.5)``.
+        step: the target step (default: the last snapshot's); must not be after the last snapshot.
+        rank: which rank's tensors (see the module docstring); ``None``: the only rank, or all ranks assembled.
+        out_dir: if given, also write one safetensors file per σ_rel there, named by :func:`output_name`.
+        progress: show a tqdm progress bar over the files (if tqdm is installed).
+        dtype: the accumulation and output dtype (fp32; float64 doubles the memory).
+
+    Raises:
+        ValueError: σ_rel out of range, no index in ``directory``, mismatched shapes or tensors between
+            snapshots, fewer than two distinct profiles, a target step after the last snapshot, or an unknown rank.
+    """
+    results, info = _reconstruct(directory, sigma_rels, step, rank, progress, dtype)
+    if out_dir is not None:
+        _write_outputs(os.fspath(out_dir), results, info, rank)
+    return results
+
+
+def reconstruct(
+    directory: str | os.PathLike,
+    sigma_rel: float,
+    step: int | None = None,
+    out: str | os.PathLike | None = None,
+    progress: bool = False,
+    *,
+    rank: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Tensor]:
+    """The EMA of relative width ``sigma_rel`` at ``step`` (default: the last snapshot), as ``{name: tensor}``.
+
+    Keys are the names the snapshots were saved under (the parameter names when the wrapper knew them), so the
+    result loads with ``model.load_state_dict(state, strict=False)``. With ``out=`` the result is also written to
+    that safetensors file. See :func:`reconstruct_many` for the other arguments and the errors.
+    """
+    (result,), info = _reconstruct(directory, [sigma_rel], step, rank, progress, dtype)
+    if out is not None:
+        meta = {"sigma_rel": info["sigmas"][0], "gamma": info["gammas"][0]}
+        meta.update({k: info[k] for k in ("step", "t", "snapshots")})
+        _save(os.fspath(out), result, meta)
+    return result
+
+
+def _parse_sigmas(text: str) -> list[float]:
+    try:
+        return [float(s) for s in text.split(",") if s.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--sigma-rel takes comma-separated numbers, got {text!r}") from exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m triton_ema.posthoc",
+        description="Reconstruct EMAs of any relative width from power-function EMA snapshots (EDM2 post-hoc EMA).",
+    )
+    parser.add_argument("directory", help="the snapshot directory (holds index-r*.json)")
+    parser.add_argument("--sigma-rel", type=_parse_sigmas, required=True, help="comma-separated, e.g. 0.08,0.12")
+    parser.add_argument("--out", required=True, help="output directory: one safetensors file per sigma_rel")
+    parser.add_argument("--step", type=int, default=None, help="target step (default: the last snapshot)")
+    parser.add_argument("--rank", type=int, default=None, help="one rank's shards (default: all, assembled)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        progress = not args.no_progress
+        results, info = _reconstruct(args.directory, args.sigma_rel, args.step, args.rank, progress, torch.float32)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in _write_outputs(args.out, results, info, args.rank):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
