@@ -18,12 +18,12 @@ from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 
+import posthoc64 as oracle
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import posthoc64 as oracle
 from triton_ema import posthoc
 from triton_ema.profiles import (
     SIGMA_REL_MAX,
@@ -300,7 +300,31 @@ def test_writer_validates(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="Invalid gamma value"):
             w.submit(1, 1, math.nan, 0.1, 0, {"x": torch.ones(2)})
         with pytest.raises(ValueError, match="shards names"):
-            w.submit(1, 1, 6.94, 0.1, 0, {"x": torch.ones(2)}, shards={"y": {"dim": 0, "offset": 0, "global_shape": [2]}})
+            shards = {"y": {"dim": 0, "offset": 0, "global_shape": [2]}}
+            w.submit(1, 1, 6.94, 0.1, 0, {"x": torch.ones(2)}, shards=shards)
+
+
+@pytest.mark.gpu
+def test_writer_cuda_copies_before_later_kernels(tmp_path: Path) -> None:
+    """A CUDA tensor is copied on a side stream; the caller's stream waits, so a later in-place op cannot race it."""
+    x = torch.arange(1 << 20, device="cuda", dtype=torch.float32)
+    with SnapshotWriter(tmp_path) as w:
+        event = w.submit(1, 1, 6.94, 0.1, 0, {"x": x, "h": x[::2]}, dtype=torch.bfloat16)
+        x.mul_(-1)  # queued after the copy on the current stream
+        assert isinstance(event, torch.cuda.Event)
+    saved = load_file(str(tmp_path / "ema-s000000001-p0-r0.safetensors"))
+    want = torch.arange(1 << 20, dtype=torch.float32).to(torch.bfloat16)
+    assert torch.equal(saved["x"], want) and torch.equal(saved["h"], want[::2])
+
+
+def test_doc_examples() -> None:
+    import doctest
+
+    from triton_ema import profiles, snapshot
+
+    for module in (profiles, snapshot):
+        failed, tried = doctest.testmod(module)
+        assert tried > 0 and failed == 0
 
 
 def test_atexit_flushes(tmp_path: Path) -> None:
@@ -359,7 +383,7 @@ def test_reconstruct_equals_oracle_sum(tmp_path: Path, seed: int) -> None:
 def test_reconstruct_many_one_pass(tmp_path: Path, seed: int) -> None:
     _write_run(tmp_path, shapes=SHAPES, n_snapshots=6)
     sigmas = [0.06, 0.11, 0.2]
-    many = posthoc.reconstruct_many(tmp_path, sigmas, out_dir=tmp_path / "out")
+    many = posthoc.reconstruct_many(tmp_path, sigmas, out_dir=tmp_path / "out", progress=True)
     for s, got in zip(sigmas, many):
         one = posthoc.reconstruct(tmp_path, s)
         for n in SHAPES:
@@ -383,7 +407,9 @@ def test_sharded_reconstruction_assembles(tmp_path: Path, seed: int) -> None:
             for step in sorted(written):
                 for k, tensors in written[step].items():
                     pieces = {n: t.narrow(0, offset, length) for n, t in tensors.items()}
-                    shards = {n: {"dim": 0, "offset": offset, "global_shape": list(t.shape)} for n, t in tensors.items()}
+                    shards = {
+                        n: {"dim": 0, "offset": offset, "global_shape": list(t.shape)} for n, t in tensors.items()
+                    }
                     g = sigma_rel_to_gamma((0.05, 0.10)[k])
                     writer.submit(step, step, g, (0.05, 0.10)[k], k, pieces, torch.float32, shards=shards)
     want = posthoc.reconstruct(full_dir, 0.15)
