@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,12 @@ CASES = {
     "update-bf16-aligned": ("update", "bf16", True),
     "update-fp32-unaligned": ("update", "fp32", False),
     "update-bf16-unaligned": ("update", "bf16", False),
+    "update-bf16-guarded": ("guarded", "bf16", True),
     "swap-fp32": ("swap", "fp32", True),
     "backup-bf16": ("backup", "bf16", True),
+    "nonfinite-fp32-aligned": ("nonfinite", "fp32", True),
+    "nonfinite-bf16-aligned": ("nonfinite", "bf16", True),
+    "nonfinite-bf16-unaligned": ("nonfinite", "bf16", False),
 }
 
 
@@ -49,7 +54,17 @@ def ptx_ops() -> dict[str, list[str]]:
 @pytest.mark.parametrize("case", [c for c in CASES if CASES[c][2]])
 def test_aligned_tables_get_128_bit_accesses(ptx_ops, case):
     ops = set(ptx_ops[case])
-    assert "ld.global.v4.b32" in ops and "st.global.v4.b32" in ops, ops
+    assert "ld.global.v4.b32" in ops, ops
+    # The guard only reads the tensors; its one store is the flag's.
+    if CASES[case][0] != "nonfinite":
+        assert "st.global.v4.b32" in ops, ops
+
+
+def test_unguarded_update_never_reads_the_flag(ptx_ops):
+    """The guard is a constexpr: only the guarded kernel loads the 32-bit skip flag."""
+    guarded, unguarded = Counter(ptx_ops["update-bf16-guarded"]), Counter(ptx_ops["update-bf16-aligned"])
+    assert guarded - unguarded == Counter({"ld.global.b32": 1}), (guarded, unguarded)
+    assert not unguarded - guarded, (guarded, unguarded)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if not CASES[c][2]])

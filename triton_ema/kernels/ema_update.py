@@ -3,6 +3,10 @@
 The kernel reads the step counter from device memory and evaluates the decay
 schedule itself, so nothing is computed or synchronised on the host per step
 and the launch can be captured in a CUDA graph.
+
+The non-finite guard works the same way: :func:`nonfinite_` raises a flag in
+device memory when a parameter holds NaN or inf, and a guarded
+:func:`ema_update` reads that flag and writes nothing when it is raised.
 """
 
 from __future__ import annotations
@@ -69,9 +73,12 @@ def _ema_block(param_ptr, shadow_ptr, offs, n, w, SHADOW_DTYPE: tl.constexpr, MA
         p = tl.load(param_ptr + offs).to(tl.float32)
         s = tl.load(shadow_ptr + offs).to(tl.float32)
     diff = p - s
-    # lerp's two-sided form, what torch._foreach_lerp_ computes. A copy (w == 1) takes the
-    # parameter itself, so that it also resets a shadow that holds inf or NaN.
-    new = tl.where(w < 0.5, s + w * diff, tl.where(w == 1.0, p, p - diff * (1.0 - w)))
+    # lerp's two-sided form, what torch._foreach_lerp_ computes, with its fused multiply-adds:
+    # torch's CUDA lerp is contracted to fma by nvcc and its vectorised CPU lerp calls fmadd, so
+    # explicit fmas give the torch path's bits on the GPU and in the interpreter alike (w - 1 is
+    # exact for w >= 0.5). A copy (w == 1) takes the parameter itself, so that it also resets a
+    # shadow that holds inf or NaN.
+    new = tl.where(w < 0.5, tl.fma(w, diff, s), tl.where(w == 1.0, p, tl.fma(w - 1.0, diff, p)))
     if MASKED:
         tl.store(shadow_ptr + offs, _round(new, SHADOW_DTYPE), mask=mask)
     else:
@@ -87,6 +94,7 @@ def _ema_update_kernel(
     entry_block_ptr,
     n_entries,
     step_ptr,
+    skip_ptr,
     min_weight,
     max_weight,
     warmup_gamma,
@@ -97,13 +105,18 @@ def _ema_update_kernel(
     PARAM_DTYPE: tl.constexpr,
     SHADOW_DTYPE: tl.constexpr,
     WARMUP: tl.constexpr,
+    GUARDED: tl.constexpr,
     ALIGNED: tl.constexpr,
     ENTRY: tl.constexpr,
     BLOCK: tl.constexpr,
     ENTRIES_PER_PROGRAM: tl.constexpr,
 ):
     t = tl.load(step_ptr)
-    if t % update_every == 0:
+    active = t % update_every == 0
+    if GUARDED:
+        # A compile-time branch: the unguarded kernel never loads the flag.
+        active = active & (tl.load(skip_ptr) == 0)
+    if active:
         w = _weight(t, min_weight, max_weight, warmup_gamma, warmup_power, update_after_step, WARMUP)
         pid = tl.program_id(0).to(tl.int64)
         for i in range(ENTRIES_PER_PROGRAM):
@@ -120,7 +133,59 @@ def _ema_update_kernel(
                         _ema_block(param_ptr, shadow_ptr, offs, n, w, SHADOW_DTYPE, MASKED=True)
 
 
-_update = TableKernel(_ema_update_kernel, key=["SIZE_BUCKET", "PARAM_DTYPE", "SHADOW_DTYPE", "WARMUP", "ALIGNED"])
+_update = TableKernel(
+    _ema_update_kernel, key=["SIZE_BUCKET", "PARAM_DTYPE", "SHADOW_DTYPE", "WARMUP", "GUARDED", "ALIGNED"]
+)
+
+
+@triton.jit
+def _nonfinite_block(x_ptr, offs, n, MASKED: tl.constexpr):
+    """1 where the element is NaN or +-inf (all exponent bits set in fp32), else 0."""
+    if MASKED:
+        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + offs).to(tl.float32)
+    # Widening bf16 and fp16 to fp32 keeps NaN and inf, so one bit test covers every dtype.
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits & 0x7F800000) == 0x7F800000).to(tl.int32)
+
+
+@triton.jit
+def _nonfinite_kernel(
+    addrs_ptr,
+    numels_ptr,
+    entry_tensor_ptr,
+    entry_block_ptr,
+    n_entries,
+    flag_ptr,
+    SIZE_BUCKET,  # noqa: ARG001  (read by the autotuner's key only)
+    DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    ENTRY: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ENTRIES_PER_PROGRAM: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    # Accumulated per lane and reduced once per program: a reduction per block would cost
+    # shared-memory round trips in a kernel that should run at copy speed.
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    for i in range(ENTRIES_PER_PROGRAM):
+        e = pid * ENTRIES_PER_PROGRAM + i
+        if e < n_entries:
+            idx, start, n = entry_range(e, entry_tensor_ptr, entry_block_ptr, numels_ptr, ENTRY)
+            x_ptr = tensor_ptr(addrs_ptr, idx, DTYPE, ALIGNED)
+            for off in range(0, ENTRY, BLOCK):
+                offs = start + off + tl.arange(0, BLOCK)
+                if start + off + BLOCK <= n:
+                    bad = bad | _nonfinite_block(x_ptr, offs, n, MASKED=False)
+                elif start + off < n:
+                    bad = bad | _nonfinite_block(x_ptr, offs, n, MASKED=True)
+    # Programs only ever store the same 1, so concurrent stores need no atomics; a clean
+    # program stores nothing and cannot lower a flag another program raised.
+    tl.store(flag_ptr, 1, mask=tl.max(bad, axis=0) > 0)
+
+
+_nonfinite = TableKernel(_nonfinite_kernel, key=["SIZE_BUCKET", "DTYPE", "ALIGNED"])
 
 
 def _schedule_args(schedule: Schedule) -> dict:
@@ -152,14 +217,29 @@ def _table_args(table: TensorTable, param_dtype: torch.dtype, shadow_dtype: torc
 
 
 def ema_update(
-    table: TensorTable, step: Tensor, schedule: Schedule, param_dtype: torch.dtype, shadow_dtype: torch.dtype
+    table: TensorTable,
+    step: Tensor,
+    schedule: Schedule,
+    param_dtype: torch.dtype,
+    shadow_dtype: torch.dtype,
+    skip: Tensor | None = None,
 ) -> None:
     """Apply step ``step[0]`` of ``schedule`` to every (parameter, shadow) pair of ``table``: one launch.
 
     ``step`` is a one-element int64 tensor on the table's device holding the
-    count of successful steps, already incremented for this one.
+    count of successful steps, already incremented for this one. With
+    ``skip`` (a one-element int32 tensor on the same device, as filled by
+    :func:`nonfinite_`), the kernel writes nothing when ``skip[0] != 0``:
+    the shadows keep their exact bits, and the host never reads the flag.
     """
-    kwargs = {**_table_args(table, param_dtype, shadow_dtype), "step_ptr": step, **_schedule_args(schedule)}
+    kwargs = {
+        **_table_args(table, param_dtype, shadow_dtype),
+        "step_ptr": step,
+        # Unguarded, the pointer is never dereferenced (GUARDED is a constexpr): any tensor will do.
+        "skip_ptr": step if skip is None else skip,
+        "GUARDED": skip is not None,
+        **_schedule_args(schedule),
+    }
 
     def scratch() -> tuple[int, dict]:
         device = step.device
@@ -170,6 +250,42 @@ def ema_update(
         scratch_kwargs = {**kwargs, **_table_args(scratch_table, param_dtype, shadow_dtype)}
         # Keep the live key: the scratch buffers stand in for this group's shape class.
         scratch_kwargs.update(SIZE_BUCKET=table.bucket, ALIGNED=table.aligned, step_ptr=torch.ones_like(step))
+        if skip is not None:
+            # Tune the path that updates, whatever the live flag says.
+            scratch_kwargs["skip_ptr"] = torch.zeros_like(skip)
         return scratch_table.n_entries, scratch_kwargs
 
     _update(scratch, **kwargs)
+
+
+def nonfinite_(table: TensorTable, flag: Tensor) -> None:
+    """Set ``flag[0] = 1`` if any tensor of slot 0 of ``table`` (the parameters) holds NaN or +-inf: one launch.
+
+    ``flag`` is a one-element int32 tensor on the table's device that the
+    caller zeroes once before the first table of an update; the kernel only
+    ever raises it, so several tables (groups of one device) can share it.
+    Nothing is read back on the host.
+    """
+    if table.n_entries == 0:
+        return
+    dtype = table.tensors[0][0].dtype
+
+    def args(t: TensorTable, flag: Tensor) -> dict:
+        return {
+            "addrs_ptr": t.addrs[0],
+            "numels_ptr": t.numels,
+            "entry_tensor_ptr": t.entry_tensor,
+            "entry_block_ptr": t.entry_block,
+            "n_entries": t.n_entries,
+            "flag_ptr": flag,
+            "SIZE_BUCKET": table.bucket,
+            "DTYPE": _TL_DTYPES[dtype],
+            "ALIGNED": table.aligned,
+            "ENTRY": ENTRY,
+        }
+
+    def scratch() -> tuple[int, dict]:
+        scratch_table = build_table([torch.zeros(table.bucket, dtype=dtype, device=flag.device)])
+        return scratch_table.n_entries, args(scratch_table, torch.zeros_like(flag))
+
+    _nonfinite(scratch, **args(table, flag))

@@ -30,6 +30,10 @@ CONFIGS = [
 #: full-block and tail paths and the per-program entry loop on small tensors.
 INTERPRET_CONFIG = {"BLOCK": 1024, "ENTRIES_PER_PROGRAM": 2, "num_warps": 4}
 
+#: When set (by tests), every launch uses this config, on a GPU too, with no tuning: one
+#: otherwise only reached through the autotuner's choice can then be checked directly.
+FORCED_CONFIG: dict[str, Any] | None = None
+
 
 def _grid(n_entries: int) -> Callable[[dict[str, Any]], tuple[int]]:
     return lambda meta: (triton.cdiv(n_entries, meta["ENTRIES_PER_PROGRAM"]),)
@@ -54,8 +58,8 @@ class TableKernel:
         n_entries = kwargs["n_entries"]
         if n_entries == 0:
             return
-        if interpreting():
-            self.kernel[_grid(n_entries)](**kwargs, **INTERPRET_CONFIG)
+        if FORCED_CONFIG is not None or interpreting():
+            self.kernel[_grid(n_entries)](**kwargs, **(FORCED_CONFIG or INTERPRET_CONFIG))
             return
         key = tuple(kwargs[k] for k in self.key)
         config = self.chosen.get(key)
