@@ -1,8 +1,9 @@
 """Workload selection and the copy-bandwidth ceiling shared by every benchmark of a run.
 
 Workloads are chosen with environment variables (comma lists), read at collection:
-``EMA_BENCH_WORKLOADS`` (default ``resnet50`` on CPU; ``resnet50,vit_b16,gpt2,decoder_1p3b`` on GPU),
-``EMA_BENCH_DTYPES`` (default ``fp32,bf16``) and ``EMA_BENCH_DEVICE`` (default ``cuda`` when available).
+``EMA_BENCH_WORKLOADS`` (default ``workloads.DEFAULT_WORKLOADS``), ``EMA_BENCH_DTYPES`` (default
+``fp32,bf16``), ``EMA_BENCH_DEVICE`` (default ``cuda`` when available) and ``EMA_BENCH_THREADS`` (torch's
+intra-op threads; default torch's own).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from benchmarks import harness, workloads
 
 _COPY_GBPS = pytest.StashKey[float]()
+harness.apply_threads()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -21,6 +21,18 @@ WARMUP_CALLS = 3
 _MIN_ROUND_S = 10e-3
 
 
+def apply_threads() -> None:
+    """Set torch's intra-op threads from ``EMA_BENCH_THREADS``, if set.
+
+    On a CPU shared with other processes, a 2-thread op can wait at its OpenMP barrier for a descheduled
+    thread: with 4 to 7 runnable processes on 2 cores, a ResNet-50 update measured 20x slower than on a
+    quiet machine, and by different factors per contender. One thread per op keeps ratios meaningful there.
+    """
+    threads = os.environ.get("EMA_BENCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -80,6 +92,7 @@ def environment(device: torch.device) -> dict[str, str]:
         "device": device_name(device),
         # CPU timings on a shared machine depend on what else runs: say how busy it was.
         "load": f"{load} (1, 5, 15 min) on {os.cpu_count()} CPUs",
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda or "none",

@@ -126,6 +126,7 @@ def measure(arch: str, dtype: str, stubs: list[StubKernel]) -> dict:
 
 
 def run(archs: list[str], dtypes: list[str]) -> dict:
+    harness.apply_threads()
     stubs = stub_launches()
     results = [measure(arch, dtype, stubs) for arch in archs for dtype in dtypes]
     return {"environment": harness.environment(torch.device("cpu")), "results": results}

@@ -135,6 +135,7 @@ def paired_times(workload: workloads.Workload, rounds: int) -> dict:
 def run(archs: list[str], dtypes: list[str], rounds: int) -> dict:
     if os.environ.get("TRITON_INTERPRET"):
         raise SystemExit("TRITON_INTERPRET is set: unset it to benchmark the compiled kernels.")
+    harness.apply_threads()
     device = torch.device(workloads.default_device())
     results = []
     for arch in archs:

@@ -50,6 +50,8 @@ def run_all(args: argparse.Namespace) -> dict:
         env["EMA_BENCH_WORKLOADS"] = args.workloads
     if args.dtypes:
         env["EMA_BENCH_DTYPES"] = args.dtypes
+    if args.threads:
+        env["EMA_BENCH_THREADS"] = str(args.threads)
     specs = workloads.selected(workloads.default_device(), args.workloads, args.dtypes)
     dtypes = ",".join(dict.fromkeys(dtype for _, dtype in specs))
     archs = list(dict.fromkeys(arch for arch, _ in specs))
@@ -206,6 +208,7 @@ def render_markdown(data: dict) -> str:
         f"- Device: {env['device']}",
         f"- torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}",
         f"- Date: {env['date']}; load average at the end of the suite: {env['load']}",
+        f"- OpenMP wait policy: {env.get('omp_wait_policy', 'default')}",
         f"- Copy bandwidth (one large `copy_`, read + write, same run): {env['copy_gbps']:.1f} GB/s",
         "",
         "GB/s is bytes moved per call over the median time; bytes moved is the minimum traffic of the "
@@ -319,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", help="comma list (sets EMA_BENCH_DTYPES): fp32,bf16")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where results.md and results.png go")
     parser.add_argument("--json", type=Path, help="render this results.json of a previous run instead of running")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (sets EMA_BENCH_THREADS)")
     parser.add_argument("--quick", action="store_true", help="one timed round per benchmark (smoke runs)")
     parser.add_argument("pytest_args", nargs="*", help="passed on to pytest (after --)")
     args = parser.parse_args(argv)

@@ -164,18 +164,12 @@ def test_step_hook_counter_counts_one_per_optimizer_step(seed):
     assert harness.profiled_optimizer_steps(step) == 1
 
 
-@pytest.mark.xfail(
-    reason="needs core: wrapper.step() runs its own hooked Optimizer.step around the inner one", strict=True
-)
 def test_global_step_hooks_fire_once_per_wrapper_step(seed):
     w = make_workload("tiny", "fp32", DEVICE, seed)
     _, step = _contender("wrapper_step").build(w.params, DECAY)
     assert harness.step_hook_calls(step) == 1
 
 
-@pytest.mark.xfail(
-    reason="needs core: wrapper.step() runs its own hooked Optimizer.step around the inner one", strict=True
-)
 def test_profiler_shows_one_optimizer_step_per_wrapper_step(seed):
     w = make_workload("tiny", "fp32", DEVICE, seed)
     _, step = _contender("wrapper_step").build(w.params, DECAY)
