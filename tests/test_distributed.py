@@ -167,25 +167,24 @@ def _check(rank: int, kind: str, seed: int, out: Path) -> None:
         torch.save(result, out)
 
 
-def run_workers(kind: str, seed: int, tmp_path: Path) -> dict:
-    out = tmp_path / f"{kind}.pt"
-    # A file store: no TCP port to pick, so parallel test runs cannot collide.
-    init_file = tmp_path / "store"
-    ctx = mp.start_processes(
-        _worker,
-        args=(kind, seed, str(init_file), str(out)),
-        nprocs=WORLD_SIZE,
-        join=False,
-        start_method="spawn",
-    )
+def launch(target, nprocs: int, args: tuple, what: str) -> None:
+    """Run ``target(rank, *args)`` in ``nprocs`` fresh processes; a worker's exception fails the test."""
+    ctx = mp.start_processes(target, args=args, nprocs=nprocs, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
-    # join() raises with the worker's traceback as soon as one fails (and terminates the other).
+    # join() raises with the worker's traceback as soon as one fails (and terminates the others).
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-            pytest.fail(f"{kind} workers did not finish within {TIMEOUT_S} s")
+            pytest.fail(f"{what} workers did not finish within {TIMEOUT_S} s")
+
+
+def run_workers(kind: str, seed: int, tmp_path: Path) -> dict:
+    out = tmp_path / f"{kind}.pt"
+    # A file store: no TCP port to pick, so parallel test runs cannot collide.
+    init_file = tmp_path / "store"
+    launch(_worker, WORLD_SIZE, (kind, seed, str(init_file), str(out)), kind)
     return torch.load(out, weights_only=False)
 
 
@@ -225,3 +224,225 @@ def test_distributed_ema_matches_single_process(kind, seed, tmp_path, monkeypatc
     torch.testing.assert_close(got["ema_out"], expected["ema_out"], **tight)
     torch.testing.assert_close(got["raw_out"], expected["raw_out"], **tight)
     assert not torch.allclose(got["ema_out"], got["raw_out"]), "the EMA must differ from the weights to test a swap"
+
+
+# torch.distributed.checkpoint: save on two FSDP2 ranks, load on one (an unsharded model) and on three (FSDP2),
+# continue, and compare with one process that trained without interruption.
+DCP_STEPS = (4, 3)  # steps before the checkpoint, steps after it
+# Remove once the core's state dict carries the EMA per parameter and skips the helpers' init step (issue 7, §3).
+NEEDS_FORMAT_2 = pytest.mark.xfail(
+    strict=True, reason="needs core: state_dict format 2 (EMA per parameter entry) and no EMA step for DCP's init step"
+)
+DCP_BATCH = 6
+
+
+def dcp_data(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed + 2)
+    shapes = ((DCP_BATCH, 5), (DCP_BATCH, 1))
+    return [tuple(torch.randn(s, generator=g) for s in shapes) for _ in range(sum(DCP_STEPS))]
+
+
+def dcp_distribute(model: nn.Module, world: int, mesh=None) -> nn.Module:
+    """FSDP2 with gradients summed, never divided, over ranks (one process keeps the plain module).
+
+    Only rank 0 back-propagates the loss (the others a zero loss, so that FSDP2's collectives still run), so
+    the sum is rank 0's whole-batch gradient exactly: the sharded run is then bit-identical to one process,
+    and any difference the comparison finds comes from the checkpoint, not from rounding in a reduction.
+    """
+    if world == 1:
+        return model
+    from torch.distributed.fsdp import FSDPModule
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    model = fully_shard(model, mesh=mesh)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def dcp_step(model: nn.Module, opt: EMAOptimizerWrapper, x: torch.Tensor, y: torch.Tensor, rank: int) -> None:
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(model(x), y)
+    (loss if rank == 0 else 0 * loss).backward()
+    opt.step()
+
+
+def gathered(model: nn.Module, opt: EMAOptimizerWrapper) -> dict:
+    """Whole tensors (every rank takes part in the gathers) and the step count."""
+    return {
+        "num_steps": opt.num_steps,
+        "params": [full(p).detach().clone() for p in model.parameters()],
+        "ema": [full(s).clone() for s in opt.ema_params()],
+    }
+
+
+def dcp_save(rank: int, world: int, seed: int, ckpt: str, group) -> dict:
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    from torch.distributed.device_mesh import DeviceMesh
+
+    model = dcp_distribute(make_model(seed), world, DeviceMesh.from_group(group, "cpu"))
+    opt = make_optimizer(model)
+    for x, y in dcp_data(seed)[: DCP_STEPS[0]]:
+        dcp_step(model, opt, x, y, rank)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    assert opt.num_steps == DCP_STEPS[0], "reading the state dict of a trained wrapper changes nothing"
+    dcp.save(state, checkpoint_id=ckpt, process_group=group)
+    return gathered(model, opt)
+
+
+def dcp_resume(rank: int, world: int, seed: int, ckpt: str) -> dict:
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    before, _ = DCP_STEPS
+    # Other initial weights, so that everything the run continues from must come from the checkpoint.
+    model = dcp_distribute(make_model(seed + 100), world)
+    opt = make_optimizer(model)
+    initial = snapshot(model.parameters())
+    # On a fresh wrapper the helper initialises the optimizer state with a step at zero gradients and zero
+    # learning rate: that is no training step, so the EMA must not count it.
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    assert opt.num_steps == 0, f"rank {rank}: the state-initialising step counted as an EMA step"
+    assert_equal(snapshot(model.parameters()), initial, f"rank {rank}: parameters after the init step")
+    assert_equal(snapshot(opt.ema_params()), initial, f"rank {rank}: EMA after the init step")
+    dcp.load(state, checkpoint_id=ckpt)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    assert opt.num_steps == before, f"rank {rank}: the step count must be restored exactly"
+    for x, y in dcp_data(seed)[before:]:
+        dcp_step(model, opt, x, y, rank)
+    return gathered(model, opt)
+
+
+def _dcp_worker(rank: int, world: int, seed: int, init_file: str, tmp: str) -> None:
+    """Save on the first WORLD_SIZE ranks, then load on all ``world`` of them: one launch, as processes are slow
+    to start on a small machine. A failure of the load is written down for the test to report."""
+    import traceback
+
+    tmp_dir = Path(tmp)
+    timeout = timedelta(seconds=TIMEOUT_S // 2)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout)
+    try:
+        save_group = dist.new_group(list(range(WORLD_SIZE)))
+        if rank < WORLD_SIZE:
+            saved = dcp_save(rank, WORLD_SIZE, seed, str(tmp_dir / "ckpt"), save_group)
+            if rank == 0:
+                torch.save(saved, tmp_dir / "saved.pt")
+        dist.barrier()
+        try:
+            resumed = dcp_resume(rank, world, seed, str(tmp_dir / "ckpt"))
+        except Exception:
+            (tmp_dir / f"resume-error-{rank}.txt").write_text(traceback.format_exc())
+            return
+        if rank == 0:
+            torch.save(resumed, tmp_dir / f"resumed-{world}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def dcp_reference(seed: int, steps: int) -> dict:
+    batches = dcp_data(seed)
+    model = make_model(seed)
+    opt = make_optimizer(model)
+    for x, y in batches[:steps]:
+        dcp_step(model, opt, x, y, 0)
+    return gathered(model, opt)
+
+
+def assert_same_run(got: dict, expected: dict, what: str) -> None:
+    assert got["num_steps"] == expected["num_steps"], what
+    assert_equal(got["params"], expected["params"], f"{what}: parameters")
+    assert_equal(got["ema"], expected["ema"], f"{what}: EMA")
+
+
+DCP_LOAD_WORLD = 3
+
+
+@pytest.fixture(scope="module")
+def dcp_run(tmp_path_factory):
+    """A DCP checkpoint saved by two FSDP2 ranks after DCP_STEPS[0] steps, loaded by three that go on training.
+
+    Returns the folder with ``ckpt``, ``saved.pt`` and ``resumed-3.pt`` (or the load's tracebacks), and the seed.
+    """
+    if fully_shard is None:
+        pytest.skip("needs torch.distributed.fsdp.fully_shard (torch >= 2.6)")
+    import random
+
+    seed = random.SystemRandom().randrange(2**31)
+    tmp = tmp_path_factory.mktemp("dcp")
+    with pytest.MonkeyPatch.context() as env:
+        # Gloo picks a network interface from the hostname, which need not resolve in a sandbox.
+        env.setenv("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+        args = (DCP_LOAD_WORLD, seed, str(tmp / "store"), str(tmp))
+        launch(_dcp_worker, DCP_LOAD_WORLD, args, "dcp save and load")
+    return tmp, seed
+
+
+@NEEDS_FORMAT_2
+# DCP's note that it loads in one process, which is the point of the unsharded case.
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled, unavailable or uninitialized")
+@pytest.mark.parametrize("world", [1, DCP_LOAD_WORLD], ids=["load-on-1-unsharded", "load-on-3-fsdp2"])
+def test_dcp_checkpoint_reshards_and_resumes_bit_exactly(dcp_run, world, request):
+    tmp, seed = dcp_run
+    request.node.user_properties.append(("seed", seed))
+    before, after = DCP_STEPS
+    # The save itself: two sharded ranks trained exactly like one process.
+    assert_same_run(torch.load(tmp / "saved.pt", weights_only=False), dcp_reference(seed, before), "at the save")
+    if world == 1:
+        # An unsharded model in this process, with no process group at all: DCP reassembles the shards.
+        got = dcp_resume(0, 1, seed, str(tmp / "ckpt"))
+    else:
+        errors = sorted(tmp.glob("resume-error-*.txt"))
+        if errors:
+            pytest.fail(f"loading on {world} ranks failed; {errors[0].stem}:\n{errors[0].read_text()}")
+        got = torch.load(tmp / f"resumed-{world}.pt", weights_only=False)
+    assert_same_run(got, dcp_reference(seed, before + after), f"resumed on {world}")
+
+
+@NEEDS_FORMAT_2
+def test_dcp_helpers_carry_the_ema_by_parameter_name(seed):
+    """One process, no process group: the helpers' state dict holds the EMA per parameter name and step count."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    batches = dcp_data(seed)
+    model = make_model(seed)
+    opt = make_optimizer(model)
+    initial = snapshot(model.parameters())
+    get_optimizer_state_dict(model, opt)
+    assert opt.num_steps == 0, "the state-initialising step of a fresh wrapper counted as an EMA step"
+    assert_equal(snapshot(opt.ema_params()), initial, "EMA after the init step")
+    for x, y in batches[:3]:
+        dcp_step(model, opt, x, y, 0)
+    osd = get_optimizer_state_dict(model, opt)
+    names = [name for name, _ in model.named_parameters()]
+    assert set(osd["state"]) == set(names)
+    assert_equal([osd["state"][n]["ema_shadow"] for n in names], snapshot(opt.ema_params()), "saved EMA by name")
+
+    # Through bytes, as any checkpoint goes: the live state dict shares the optimizer's tensors.
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": osd}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    model2 = make_model(seed + 100)
+    opt2 = make_optimizer(model2)
+    model2.load_state_dict(ckpt["model"])
+    set_optimizer_state_dict(model2, opt2, ckpt["optim"])
+    assert opt2.num_steps == 3
+    assert_equal(snapshot(opt2.ema_params()), snapshot(opt.ema_params()), "EMA after set_optimizer_state_dict")
+    for x, y in batches[3:5]:
+        for m, o in ((model, opt), (model2, opt2)):
+            dcp_step(m, o, x, y, 0)
+    assert opt2.num_steps == opt.num_steps == 5
+    assert_equal(snapshot(model2.parameters()), snapshot(model.parameters()), "parameters after resume")
+    assert_equal(snapshot(opt2.ema_params()), snapshot(opt.ema_params()), "EMA after resume")
