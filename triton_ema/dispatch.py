@@ -270,11 +270,8 @@ class Dispatcher:
                 "backend='triton' with CPU tensors runs in Triton's interpreter: set TRITON_INTERPRET=1 "
                 "before triton is first imported, or use backend='torch'"
             )
-        if p.dtype not in KERNEL_DTYPES or s.dtype not in KERNEL_DTYPES:
-            raise ValueError(
-                f"backend='triton' supports float32, bfloat16 and float16 tensors, got {p.dtype}/{s.dtype}"
-            )
-        # Layouts no kernel can walk (gaps or overlaps) take the torch path even here.
+        # Dtypes the kernels do not take (float64, a complex128 buffer) and layouts no kernel
+        # can walk (gaps or overlaps) take the torch path even here.
         return fits
 
     def offloaded(self, param: Tensor) -> bool:
@@ -337,9 +334,9 @@ class Dispatcher:
     @torch.no_grad()
     def update(self, step: int, schedule: Schedule) -> None:
         """Apply step ``step``: the device counters move first, then one launch per Triton group."""
+        self.refresh()
         if self._has_cuda and torch.cuda.is_current_stream_capturing():
             self._check_capturable(schedule)
-        self.refresh()
         for state in self.devices.values():
             if state.counter is not None:
                 state.counter.add_(1)

@@ -244,8 +244,8 @@ class EMAOptimizerWrapper(Optimizer):
                         if other_span[0] == span[0] and other_span[1] < span[2] and span[1] < other_span[2]:
                             raise ValueError(
                                 f"{name} and {other_name} overlap in memory without being the same tensor; "
-                                "the EMA cannot average or swap one without corrupting the other. Pass "
-                                "non-overlapping tensors (e.g. buffers=model.buffers(), not model.state_dict())."
+                                "the EMA cannot average or swap one without corrupting the other; pass "
+                                "tensors that are either disjoint or the very same view."
                             )
                     spans.append((span, name))
                 with torch.no_grad():
@@ -337,8 +337,9 @@ class EMAOptimizerWrapper(Optimizer):
             return self._update_ema_eagerly()
         self._check_not_swapped("update_ema")
         with torch.no_grad():
+            # The dispatcher checks the tensors before it counts or touches anything.
+            self._dispatch.update(self._step + 1, self.schedule)
             self._step += 1
-            self._dispatch.update(self._step, self.schedule)
 
     # Runs eagerly even when step() is traced by torch.compile: dynamo would drop the
     # step-count mutation on the optimizer object, and the kernels launch on their own.
