@@ -673,3 +673,63 @@ def test_dcp_helpers_carry_the_ema_and_do_not_count_their_init_step(seed):
     set_optimizer_state_dict(model2, opt2, sd)
     assert opt2.num_steps == 3 and opt2.schedule == opt.schedule
     assert all(torch.equal(a, b) for a, b in zip(opt2.ema_params(), opt.ema_params()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_skip_nonfinite_leaves_every_shadow_alone_and_counts(seed, backend, bad):
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).to(torch.bfloat16)
+    extra = nn.Parameter(torch.randn(5))
+    params = list(model.parameters()) + [extra]
+    opt = EMAOptimizerWrapper(
+        torch.optim.SGD(params, lr=0.1), decay=0.5, warmup="litema", backend=backend, skip_nonfinite=True
+    )
+    plain = EMAOptimizerWrapper(torch.optim.SGD(params, lr=0.1), decay=0.5, warmup="litema", backend=backend)
+    for _ in range(2):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+        opt.update_ema()
+        plain.update_ema()
+    assert all(torch.equal(a, b) for a, b in zip(opt.ema_params(), plain.ema_params())), "clean updates are equal"
+    before = [s.clone() for s in opt.ema_params()]
+    with torch.no_grad():
+        model[1].weight[1, 2] = bad  # one element of a bf16 parameter poisons the whole update
+    opt.update_ema()
+    assert opt.skipped_updates == 1 and opt.num_steps == 3
+    assert bits_equal(opt.ema_params(), before), "a skipped update leaves every shadow bit-exactly alone"
+    with torch.no_grad():
+        model[1].weight[1, 2] = 0.0
+    opt.update_ema()
+    assert opt.skipped_updates == 1 and all(s.isfinite().all() for s in opt.ema_params())
+    sd = copy.deepcopy(opt.state_dict())
+    assert sd["param_groups"][0]["ema"]["skipped_updates"] == 1
+    again = EMAOptimizerWrapper(torch.optim.SGD(params, lr=0.1), decay=0.5, backend=backend, skip_nonfinite=True)
+    again.load_state_dict(sd)
+    assert again.skipped_updates == 1 and again.num_steps == 4
+
+
+def test_without_the_guard_a_nan_poisons_the_shadow_for_good(seed):
+    p = nn.Parameter(torch.randn(4))
+    opt = EMAOptimizerWrapper(torch.optim.SGD([p], lr=0.1), decay=0.9)
+    with torch.no_grad():
+        p[0] = float("nan")
+    opt.update_ema()
+    with torch.no_grad():
+        p[0] = 1.0
+    for _ in range(1000):
+        opt.update_ema()
+    assert opt.ema_params()[0][0].isnan() and opt.skipped_updates == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_counter_counts_only_steps_that_update(seed, backend):
+    p = nn.Parameter(torch.randn(6))
+    opt = EMAOptimizerWrapper(
+        torch.optim.SGD([p], lr=0.1), decay=0.5, update_every=2, backend=backend, skip_nonfinite=True
+    )
+    with torch.no_grad():
+        p[3] = float("nan")
+    for _ in range(5):
+        opt.update_ema()
+    assert opt.skipped_updates == 2 and opt.num_steps == 5  # steps 2 and 4 update; 1, 3, 5 do not
