@@ -229,10 +229,6 @@ def test_distributed_ema_matches_single_process(kind, seed, tmp_path, monkeypatc
 # torch.distributed.checkpoint: save on two FSDP2 ranks, load on one (an unsharded model) and on three (FSDP2),
 # continue, and compare with one process that trained without interruption.
 DCP_STEPS = (4, 3)  # steps before the checkpoint, steps after it
-# Remove once the core's state dict carries the EMA per parameter and skips the helpers' init step (issue 7, §3).
-NEEDS_FORMAT_2 = pytest.mark.xfail(
-    strict=True, reason="needs core: state_dict format 2 (EMA per parameter entry) and no EMA step for DCP's init step"
-)
 DCP_BATCH = 6
 
 
@@ -389,7 +385,6 @@ def dcp_run(tmp_path_factory):
     return tmp, seed
 
 
-@NEEDS_FORMAT_2
 # DCP's note that it loads in one process, which is the point of the unsharded case.
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled, unavailable or uninitialized")
 @pytest.mark.parametrize("world", [1, DCP_LOAD_WORLD], ids=["load-on-1-unsharded", "load-on-3-fsdp2"])
@@ -410,7 +405,6 @@ def test_dcp_checkpoint_reshards_and_resumes_bit_exactly(dcp_run, world, request
     assert_same_run(got, dcp_reference(seed, before + after), f"resumed on {world}")
 
 
-@NEEDS_FORMAT_2
 def test_dcp_helpers_carry_the_ema_by_parameter_name(seed):
     """One process, no process group: the helpers' state dict holds the EMA per parameter name and step count."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
@@ -446,3 +440,29 @@ def test_dcp_helpers_carry_the_ema_by_parameter_name(seed):
     assert opt2.num_steps == opt.num_steps == 5
     assert_equal(snapshot(model2.parameters()), snapshot(model.parameters()), "parameters after resume")
     assert_equal(snapshot(opt2.ema_params()), snapshot(opt.ema_params()), "EMA after resume")
+
+
+def test_dcp_init_step_is_no_ema_step_for_a_stateless_optimizer_behind_wrappers(seed):
+    """Plain SGD keeps no state, so the helpers re-run their zero-gradient step on every call, also mid-training;
+    it must never count, with an LR scheduler's step counter and a step hook around the wrapper's step."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    batches = dcp_data(seed)
+    model = make_model(seed)
+    opt = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), **EMA_CONFIG)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    # A hook puts one more frame between the helper and the wrapper's step, as the scheduler's counter does.
+    opt.register_step_pre_hook(lambda o, args, kwargs: None)
+    for x, y in batches[:2]:
+        get_optimizer_state_dict(model, opt)
+        dcp_step(model, opt, x, y, 0)
+        sched.step()
+        opt.zero_grad(set_to_none=True)  # no gradients: the helper steps again on its next call
+    assert not opt.state, "SGD without momentum keeps no state"
+    trained, ema = snapshot(model.parameters()), snapshot(opt.ema_params())
+    osd = get_optimizer_state_dict(model, opt)
+    assert opt.num_steps == 2
+    assert_equal(snapshot(model.parameters()), trained, "parameters after the init step")
+    assert_equal(snapshot(opt.ema_params()), ema, "EMA after the init step")
+    assert {g["ema"]["step"] for g in osd["param_groups"]} == {2}
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2), "the helper restores the learning rate"

@@ -74,15 +74,9 @@ def train(model, opt, sched, batches) -> None:
         sched.step()
 
 
-# Remove once the core's param_groups / state / defaults follow the inner optimizer's live objects (issue 7, §1).
-NEEDS_LIVE_GROUPS = pytest.mark.xfail(
-    strict=True, reason="needs core: param_groups/state/defaults as the inner optimizer's live objects after a load"
-)
-
 PARAM_DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in (torch.float32, torch.bfloat16)]
 
 
-@NEEDS_LIVE_GROUPS
 @pytest.mark.parametrize("param_dtype", PARAM_DTYPES)
 @pytest.mark.parametrize("resume", ["same-wrapper", "fresh-wrapper"])
 def test_steplr_resume_matches_uninterrupted_run(seed, param_dtype, resume):
@@ -129,7 +123,6 @@ def test_steplr_resume_matches_uninterrupted_run(seed, param_dtype, resume):
     assert opt_b.defaults is opt_b.optimizer.defaults
 
 
-@NEEDS_LIVE_GROUPS
 def test_add_param_group_after_load_tracks_the_new_parameters(seed):
     first, second = nn.Linear(3, 2), nn.Linear(2, 4)
     opt = EMAOptimizerWrapper(torch.optim.SGD(first.parameters(), lr=0.1), **EMA_CONFIG)
@@ -170,7 +163,6 @@ def fresh_accelerate_state():
     state.GradientState._reset_state()
 
 
-@NEEDS_LIVE_GROUPS
 def test_accelerate_prepare_drives_the_inner_optimizer(seed, fresh_accelerate_state):
     from accelerate import Accelerator
 
@@ -218,7 +210,6 @@ def test_accelerate_prepare_drives_the_inner_optimizer(seed, fresh_accelerate_st
     assert_equal(clone(p_model.parameters()), trained, "prepared model after ema_weights()")
 
 
-@NEEDS_LIVE_GROUPS
 def test_transformers_trainer_drives_the_inner_optimizer(seed, tmp_path, fresh_accelerate_state):
     transformers = pytest.importorskip("transformers")
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments

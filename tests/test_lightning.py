@@ -178,7 +178,6 @@ def saved_ema(optimizer_state: dict) -> tuple[int, list[torch.Tensor]]:
     return step, [optimizer_state["state"][i]["ema_shadow"] for g in groups for i in g["params"]]
 
 
-@pytest.mark.xfail(strict=True, reason="needs core: state_dict format 2 (a shadow in each parameter's entry)")
 def test_checkpoints_hold_trained_weights_and_ema(tmp_path):
     """ModelCheckpoint on validation end, and a save from inside the swap, both store the trained weights."""
 
@@ -256,9 +255,6 @@ class ScheduledRegressor(Regressor):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-@pytest.mark.xfail(
-    strict=True, reason="needs core: param_groups/state/defaults as the inner optimizer's live objects after a load"
-)
 def test_resume_with_lr_scheduler_matches_uninterrupted_run(tmp_path):
     steps_per_epoch = N_TRAIN // BATCH
     full = Recorder(steps=(2 * steps_per_epoch, 3 * steps_per_epoch))
