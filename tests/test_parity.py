@@ -113,3 +113,24 @@ def test_power_warmup_equals_ema_pytorch(seed, backend, after):
         theirs.update()
     for ours, their in zip(opt.ema_params(), theirs.ema_model.parameters()):
         torch.testing.assert_close(ours, their, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plain_decay_with_update_after_step_1_equals_averaged_model(seed, backend):
+    """torch's ``AveragedModel`` EMA copies on its first update, as ``update_after_step=1`` does; without it
+    the two differ (the README says which setting reproduces it)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    model = make_model()
+    theirs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    opt = EMAOptimizerWrapper(
+        torch.optim.SGD(model.parameters(), lr=0.1), decay=0.9, update_after_step=1, backend=backend
+    )
+    naive = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.9, backend=backend)
+    for _ in range(6):
+        train_step(model, opt)
+        naive.update_ema()
+        theirs.update_parameters(model)
+    for ours, their in zip(opt.ema_params(), theirs.module.parameters()):
+        torch.testing.assert_close(ours, their.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(naive.ema_params()[0], next(theirs.module.parameters()).detach(), rtol=1e-3, atol=1e-4)
