@@ -29,8 +29,10 @@ from triton_ema.schedules import Schedule
 
 BACKENDS = ("auto", "triton", "torch")
 
-#: What must not change under the wrapper, read for a whole list without a Python loop.
+#: What must not change under the wrapper, read for a whole list without a Python loop. A device
+#: change moves the storage (a new address), which sends the check down the full path.
 _META = attrgetter("dtype", "shape", "device")
+_FAST_META = attrgetter("dtype", "shape")
 
 
 def _kernels():
@@ -133,7 +135,9 @@ class Group:
                     )
         ptrs = list(map(Tensor.data_ptr, self.sources))
         if ptrs != self._ptrs:
-            self.params = [real_view(t) for t in self.sources]
+            # Detached views: the in-place updates then record nothing for autograd without a
+            # no_grad context per step; they are rebuilt whenever a source's storage moves.
+            self.params = [real_view(t.detach()) for t in self.sources]
             self._tables = []
             self._upcaster = None
             self._exchanger = None
@@ -255,6 +259,10 @@ class Dispatcher:
         self._swap_state: list[tuple[Group, object]] | None = None
         self._has_cuda = False
         self._offloaded: list[OffloadedGroup] = []
+        self._all_sources: list[Tensor] = []
+        self._all_ptrs: list[int] | None = None
+        self._all_meta: list[tuple] = []
+        self._all_strides: list[tuple] = []
 
     # ------------------------------------------------------------------ tracking
     def _use_triton(self, p: Tensor, s: Tensor) -> bool:
@@ -315,6 +323,7 @@ class Dispatcher:
         self._has_cuda = self._has_cuda or device.type == "cuda"
         group.add(source, shadow, name)
         group.__dict__.pop("real_shadows", None)
+        self._all_ptrs = None  # the next refresh takes the full path
         return len(group.sources) - 1
 
     # ------------------------------------------------------------------ updating
@@ -328,10 +337,21 @@ class Dispatcher:
             g.join()
 
     def refresh(self) -> None:
+        """Check every tracked tensor (see :meth:`Group.refresh`): three C-level passes over one list."""
+        sources = self._all_sources
+        if (
+            list(map(Tensor.data_ptr, sources)) == self._all_ptrs
+            and list(map(_FAST_META, sources)) == self._all_meta
+            and list(map(Tensor.stride, sources)) == self._all_strides
+        ):
+            return
         for g in self.groups.values():
             g.refresh()
+        self._all_sources = [t for g in self.groups.values() for t in g.sources]
+        self._all_ptrs = list(map(Tensor.data_ptr, self._all_sources))
+        self._all_meta = list(map(_FAST_META, self._all_sources))
+        self._all_strides = list(map(Tensor.stride, self._all_sources))
 
-    @torch.no_grad()
     def update(self, step: int, schedule: Schedule) -> None:
         """Apply step ``step``: the device counters move first, then one launch per Triton group."""
         self.refresh()
@@ -361,7 +381,7 @@ class Dispatcher:
                         ema_update.ema_update(table, counter, schedule, g.param_dtype, g.shadow_dtype, skip=flag)
             elif weight is not None:
                 if flag is None:
-                    reference.ema_update_(g.params, g.real_shadows, weight, g.upcaster())
+                    reference.update_(g.params, g.real_shadows, weight, g.upcaster())
                 else:
                     reference.guarded_update_(g.params, g.real_shadows, weight, flag)
         if self.skip_nonfinite:

@@ -61,15 +61,16 @@ class Upcaster:
             torch._foreach_lerp_(shadows, views, weight)
 
 
-@torch.no_grad()
-def ema_update_(params: list[Tensor], shadows: list[Tensor], weight: float, upcaster: Upcaster | None = None) -> None:
+def update_(params: list[Tensor], shadows: list[Tensor], weight: float, upcaster: Upcaster | None = None) -> None:
     """``shadow += weight * (param - shadow)`` for every pair, in the shadow's dtype.
 
     ``weight == 1`` copies exactly. The update goes through ``lerp``, which
     evaluates ``param - (param - shadow) * (1 - weight)`` for weights of 0.5
     and above, so the copy at weight 1 and the Triton kernel agree. Parameters
     of another dtype than their shadows go through ``upcaster`` (built here
-    if not given).
+    if not given). Records nothing for autograd only when no tensor requires
+    grad (the dispatcher passes detached views); :func:`ema_update_` is the
+    same under ``torch.no_grad()``.
     """
     if not params:
         return
@@ -79,6 +80,9 @@ def ema_update_(params: list[Tensor], shadows: list[Tensor], weight: float, upca
         torch._foreach_lerp_(shadows, params, weight)
     else:
         (upcaster or Upcaster(params, shadows)).lerp_(weight)
+
+
+ema_update_ = torch.no_grad()(update_)
 
 
 def flat_bytes(t: Tensor) -> Tensor:

@@ -319,7 +319,7 @@ class EMAOptimizerWrapper(Optimizer):
 
     def _step_once(self, closure: Callable[[], Any] | None) -> Any:
         self._check_not_swapped("step")
-        if not self.optimizer.state and _initialising_state():
+        if not self.optimizer.state and _lr_is_zero(self.optimizer.param_groups) and _initialising_state():
             # torch.distributed.checkpoint creates optimizer state by stepping with zero
             # gradients and learning rates; that is not a training step.
             return self.optimizer.step() if closure is None else self.optimizer.step(closure)
@@ -336,10 +336,10 @@ class EMAOptimizerWrapper(Optimizer):
         if torch.compiler.is_compiling():
             return self._update_ema_eagerly()
         self._check_not_swapped("update_ema")
-        with torch.no_grad():
-            # The dispatcher checks the tensors before it counts or touches anything.
-            self._dispatch.update(self._step + 1, self.schedule)
-            self._step += 1
+        # The dispatcher checks the tensors before it counts or touches anything, and works on
+        # detached views (no autograd context needed).
+        self._dispatch.update(self._step + 1, self.schedule)
+        self._step += 1
 
     # Runs eagerly even when step() is traced by torch.compile: dynamo would drop the
     # step-count mutation on the optimizer object, and the kernels launch on their own.
@@ -743,6 +743,12 @@ def _span(t: Tensor) -> tuple | None:
     low = sum(min(0, (n - 1) * st) for n, st in zip(t.shape, t.stride())) * size
     high = (sum(max(0, (n - 1) * st) for n, st in zip(t.shape, t.stride())) + 1) * size
     return (t.device, t.data_ptr() + low, t.data_ptr() + high)
+
+
+def _lr_is_zero(groups: list[dict[str, Any]]) -> bool:
+    """What the state initialisation below sets first: a cheap test before looking at frames."""
+    lr = groups[0].get("lr") if groups else None
+    return lr is not None and not bool(lr != 0)
 
 
 def _initialising_state() -> bool:
