@@ -1,0 +1,276 @@
+"""The fused K-profile EMA update: one launch updates K shadows of every tensor of a table.
+
+Tracking several EMA profiles (issue 8, "Several profiles, one pass") with K
+single-profile launches reads each parameter K times: ``K * (P + 2S)`` bytes
+per element for a parameter of P bytes and shadows of S bytes. This kernel
+loads a parameter block once and updates every profile's shadow from it, for
+``P + 2K * S`` bytes (fp32: 4 + 8K instead of 12K).
+
+The caller computes the K weights ``w_k = 1 - d_k`` on the device (from the
+device step counter), so nothing is computed or synchronised on the host per
+step and the launch can be captured in a CUDA graph. A profile whose weight is
+0 this step is not touched at all: its shadow is neither read nor written.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from triton_ema.kernels.ema_update import _TL_DTYPES, _round
+from triton_ema.kernels.launch import TableKernel
+from triton_ema.kernels.table import ENTRY, TensorTable, build_table, entry_range, tensor_ptr
+
+#: The most profiles one launch updates: the kernel takes one address vector argument per profile.
+MAX_PROFILES = 8
+
+
+@triton.jit
+def _lerp(p, s, w):
+    """``s + w * (p - s)`` in fp32 with the single-profile kernel's (and torch's lerp's) bits.
+
+    The same expression as ``ema_update._ema_block``: lerp's two-sided form with explicit
+    fmas (``w - 1`` is exact for ``w >= 0.5``), and a copy that takes ``p`` itself at ``w == 1``
+    so that it also resets a shadow holding inf or NaN.
+    """
+    diff = p - s
+    return tl.where(w < 0.5, tl.fma(w, diff, s), tl.where(w == 1.0, p, tl.fma(w - 1.0, diff, p)))
+
+
+@triton.jit
+def _select(K: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
+    """Argument ``K`` of ``a0..a7``, chosen at compile time."""
+    a = a0
+    if K == 1:
+        a = a1
+    elif K == 2:
+        a = a2
+    elif K == 3:
+        a = a3
+    elif K == 4:
+        a = a4
+    elif K == 5:
+        a = a5
+    elif K == 6:
+        a = a6
+    elif K == 7:
+        a = a7
+    return a
+
+
+@triton.jit
+def _multi_block(
+    param_ptr,
+    s0,
+    s1,
+    s2,
+    s3,
+    s4,
+    s5,
+    s6,
+    s7,
+    idx,
+    weights_ptr,
+    offs,
+    n,
+    SHADOW_DTYPE: tl.constexpr,
+    N_PROFILES: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    if MASKED:
+        mask = offs < n
+        p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
+    else:
+        p = tl.load(param_ptr + offs).to(tl.float32)
+    for k in tl.static_range(N_PROFILES):
+        # A scalar load per block and profile: it stays in cache, and reloading it spares
+        # carrying K scalars through the entry loop.
+        w = tl.load(weights_ptr + k)
+        # w == 0 is "no update this step": skip the shadow entirely. Computing s + 0 * (p - s)
+        # would turn -0.0 into +0.0 and copy a NaN or inf of the parameter into the shadow.
+        if w != 0.0:
+            shadow_ptr = tensor_ptr(_select(k, s0, s1, s2, s3, s4, s5, s6, s7), idx, SHADOW_DTYPE, ALIGNED)
+            if MASKED:
+                s = tl.load(shadow_ptr + offs, mask=mask).to(tl.float32)
+                tl.store(shadow_ptr + offs, _round(_lerp(p, s, w), SHADOW_DTYPE), mask=mask)
+            else:
+                s = tl.load(shadow_ptr + offs).to(tl.float32)
+                tl.store(shadow_ptr + offs, _round(_lerp(p, s, w), SHADOW_DTYPE))
+
+
+@triton.jit
+def _ema_update_multi_kernel(
+    param_addrs_ptr,
+    shadow0_addrs_ptr,
+    shadow1_addrs_ptr,
+    shadow2_addrs_ptr,
+    shadow3_addrs_ptr,
+    shadow4_addrs_ptr,
+    shadow5_addrs_ptr,
+    shadow6_addrs_ptr,
+    shadow7_addrs_ptr,
+    numels_ptr,
+    entry_tensor_ptr,
+    entry_block_ptr,
+    n_entries,
+    weights_ptr,
+    skip_ptr,
+    SIZE_BUCKET,  # noqa: ARG001  (read by the autotuner's key only)
+    PARAM_DTYPE: tl.constexpr,
+    SHADOW_DTYPE: tl.constexpr,
+    N_PROFILES: tl.constexpr,
+    GUARDED: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    ENTRY: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ENTRIES_PER_PROGRAM: tl.constexpr,
+):
+    active = True
+    if GUARDED:
+        # A compile-time branch: the unguarded kernel never loads the flag.
+        active = tl.load(skip_ptr) == 0
+    if active:
+        pid = tl.program_id(0).to(tl.int64)
+        for i in range(ENTRIES_PER_PROGRAM):
+            e = pid * ENTRIES_PER_PROGRAM + i
+            if e < n_entries:
+                idx, start, n = entry_range(e, entry_tensor_ptr, entry_block_ptr, numels_ptr, ENTRY)
+                param_ptr = tensor_ptr(param_addrs_ptr, idx, PARAM_DTYPE, ALIGNED)
+                for off in range(0, ENTRY, BLOCK):
+                    offs = start + off + tl.arange(0, BLOCK)
+                    if start + off + BLOCK <= n:
+                        _multi_block(
+                            param_ptr,
+                            shadow0_addrs_ptr,
+                            shadow1_addrs_ptr,
+                            shadow2_addrs_ptr,
+                            shadow3_addrs_ptr,
+                            shadow4_addrs_ptr,
+                            shadow5_addrs_ptr,
+                            shadow6_addrs_ptr,
+                            shadow7_addrs_ptr,
+                            idx,
+                            weights_ptr,
+                            offs,
+                            n,
+                            SHADOW_DTYPE,
+                            N_PROFILES,
+                            ALIGNED,
+                            MASKED=False,
+                        )
+                    elif start + off < n:
+                        _multi_block(
+                            param_ptr,
+                            shadow0_addrs_ptr,
+                            shadow1_addrs_ptr,
+                            shadow2_addrs_ptr,
+                            shadow3_addrs_ptr,
+                            shadow4_addrs_ptr,
+                            shadow5_addrs_ptr,
+                            shadow6_addrs_ptr,
+                            shadow7_addrs_ptr,
+                            idx,
+                            weights_ptr,
+                            offs,
+                            n,
+                            SHADOW_DTYPE,
+                            N_PROFILES,
+                            ALIGNED,
+                            MASKED=True,
+                        )
+
+
+_update_multi = TableKernel(
+    _ema_update_multi_kernel,
+    key=["SIZE_BUCKET", "PARAM_DTYPE", "SHADOW_DTYPE", "N_PROFILES", "GUARDED", "ALIGNED"],
+)
+
+
+def _table_args(table: TensorTable, param_dtype: torch.dtype, shadow_dtype: torch.dtype, n_profiles: int) -> dict:
+    shadows = table.addrs[1 : 1 + n_profiles]
+    # Profiles past n_profiles are never dereferenced (the profile loop is unrolled to
+    # N_PROFILES): any address vector will do for their arguments.
+    shadows = shadows + [shadows[0]] * (MAX_PROFILES - n_profiles)
+    return {
+        "param_addrs_ptr": table.addrs[0],
+        **{f"shadow{k}_addrs_ptr": a for k, a in enumerate(shadows)},
+        "numels_ptr": table.numels,
+        "entry_tensor_ptr": table.entry_tensor,
+        "entry_block_ptr": table.entry_block,
+        "n_entries": table.n_entries,
+        "SIZE_BUCKET": table.bucket,
+        "PARAM_DTYPE": _TL_DTYPES[param_dtype],
+        "SHADOW_DTYPE": _TL_DTYPES[shadow_dtype],
+        "N_PROFILES": n_profiles,
+        "ALIGNED": table.aligned,
+        "ENTRY": ENTRY,
+    }
+
+
+def ema_update_multi(
+    table: TensorTable,
+    weights: Tensor,
+    param_dtype: torch.dtype,
+    shadow_dtype: torch.dtype,
+    n_profiles: int,
+    skip: Tensor | None = None,
+) -> None:
+    """``shadow_k += weights[k] * (param - shadow_k)`` for every tensor and profile of ``table``: one launch.
+
+    ``table`` has the slots ``[params, shadows_0, ..., shadows_{K-1}]`` with
+    ``K = n_profiles`` (1 to :data:`MAX_PROFILES`), as built by
+    ``build_tables(params, *shadow_lists)``. ``weights`` is a float32 tensor of
+    shape ``[K]`` on the table's device holding ``w_k = 1 - d_k`` for this
+    update. Each profile gets the bits the single-profile ``ema_update`` (and
+    the torch path's ``lerp``) would give it for the same fp32 weight;
+    ``w_k == 1`` copies the parameter exactly, and ``w_k == 0`` leaves shadow
+    ``k`` bit for bit as it was (the kernel does not touch it). With ``skip``
+    (a one-element int32 tensor on the same device, as filled by
+    ``nonfinite_``), nothing is written when ``skip[0] != 0``, and the host
+    never reads the flag.
+
+    The parameter is read once for all profiles: ``P + 2K * S`` bytes per
+    element for parameters of P and shadows of S bytes.
+    """
+    if not isinstance(n_profiles, int) or isinstance(n_profiles, bool) or not 1 <= n_profiles <= MAX_PROFILES:
+        raise ValueError(f"Invalid n_profiles value: {n_profiles!r}. It must be an int in [1, {MAX_PROFILES}].")
+    if len(table.addrs) != 1 + n_profiles:
+        raise ValueError(
+            f"the table has {len(table.addrs)} slots; n_profiles={n_profiles} needs {1 + n_profiles} "
+            "(the parameters, then one slot of shadows per profile)"
+        )
+    if weights.dtype != torch.float32 or weights.shape != (n_profiles,):
+        raise ValueError(
+            f"weights must be a float32 tensor of shape [{n_profiles}], got {weights.dtype} {list(weights.shape)}"
+        )
+    kwargs = {
+        **_table_args(table, param_dtype, shadow_dtype, n_profiles),
+        "weights_ptr": weights,
+        # Unguarded, the pointer is never dereferenced (GUARDED is a constexpr): any tensor will do.
+        "skip_ptr": weights if skip is None else skip,
+        "GUARDED": skip is not None,
+    }
+
+    def scratch() -> tuple[int, dict]:
+        device = weights.device
+        n = table.bucket
+        scratch_table = build_table(
+            [torch.empty(n, dtype=param_dtype, device=device)],
+            *([torch.zeros(n, dtype=shadow_dtype, device=device)] for _ in range(n_profiles)),
+        )
+        scratch_kwargs = {**kwargs, **_table_args(scratch_table, param_dtype, shadow_dtype, n_profiles)}
+        # Keep the live key: the scratch buffers stand in for this group's shape class. Tune the
+        # path that updates every profile, whatever the live weights and flag say.
+        scratch_kwargs.update(
+            SIZE_BUCKET=table.bucket,
+            ALIGNED=table.aligned,
+            weights_ptr=torch.full_like(weights, 0.25),
+        )
+        if skip is not None:
+            scratch_kwargs["skip_ptr"] = torch.zeros_like(skip)
+        return scratch_table.n_entries, scratch_kwargs
+
+    _update_multi(scratch, **kwargs)
