@@ -733,3 +733,22 @@ def test_skip_counter_counts_only_steps_that_update(seed, backend):
     for _ in range(5):
         opt.update_ema()
     assert opt.skipped_updates == 2 and opt.num_steps == 5  # steps 2 and 4 update; 1, 3, 5 do not
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("weight", [0.3, 0.7, 1.0])
+def test_device_side_guarded_update_equals_the_plain_one(seed, param_dtype, weight):
+    """The CUDA torch path decides on the device (torch.where); checked here on CPU tensors."""
+    from triton_ema import reference
+
+    params = [torch.randn(n, dtype=param_dtype) for n in (1, 300, 17)]
+    params.append(torch.randn(2, 3, 4, 5, dtype=param_dtype).contiguous(memory_format=torch.channels_last))
+    shadows = [torch.empty_like(p, dtype=torch.float32).copy_(torch.randn(p.shape)) for p in params]
+    shadows[1][0] = -0.0
+    shadows[2][3] = float("nan")
+    expected = [s.clone() for s in shadows]
+    reference.ema_update_(params, expected, weight)
+    clean, skipped = [s.clone() for s in shadows], [s.clone() for s in shadows]
+    reference.guarded_update_(params, clean, weight, torch.zeros(1, dtype=torch.int32), max_elements=64)
+    reference.guarded_update_(params, skipped, weight, torch.ones(1, dtype=torch.int32), max_elements=64)
+    assert bits_equal(clean, expected) and bits_equal(skipped, shadows)

@@ -382,6 +382,10 @@ class Dispatcher:
             elif weight is not None:
                 if flag is None:
                     reference.update_(g.params, g.real_shadows, weight, g.upcaster())
+                elif g.device.type == "cpu":
+                    # Reading a CPU flag waits for nothing: branch on the host and update at full speed.
+                    if not flag.item():
+                        reference.update_(g.params, g.real_shadows, weight, g.upcaster())
                 else:
                     reference.guarded_update_(g.params, g.real_shadows, weight, flag)
         if self.skip_nonfinite:
