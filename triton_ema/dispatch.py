@@ -10,8 +10,8 @@ it was before that operation.
 
 from __future__ import annotations
 
+import _signal  # signal's C core: the enum wrapping of the signal module costs tens of us a call
 import functools
-import signal
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,16 +63,16 @@ def interrupts_deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
+    previous = _signal.getsignal(_signal.SIGINT)
     if not callable(previous):
         yield
         return
     received: list[tuple[int, object]] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    _signal.signal(_signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        _signal.signal(_signal.SIGINT, previous)
         if received:
             previous(*received[0])
 
