@@ -502,6 +502,12 @@ def _corrupt(name: str, sd: dict) -> dict:
     elif name == "bad-schedule":
         for g in sd["param_groups"]:
             g["ema"]["schedule"]["decay"] = 1.5
+    elif name == "bad-profiles":
+        for g in sd["param_groups"]:
+            g["ema"]["profiles"][0]["decay"] = 1.5
+    elif name == "extra-profile":
+        for g in sd["param_groups"]:
+            g["ema"]["profiles"] = g["ema"]["profiles"] * 2
     elif name == "missing-shadow":
         del sd["state"][first]["ema_shadow"]
     elif name == "not-a-mapping":
@@ -521,6 +527,8 @@ def _corrupt(name: str, sd: dict) -> dict:
         ("no-state", "no 'state' mapping"),
         ("negative-step", "step must be a non-negative int"),
         ("bad-schedule", "schedule in the state dict is invalid"),
+        ("bad-profiles", "schedule in the state dict is invalid"),
+        ("extra-profile", "no 'ema_shadow_1'"),
         ("missing-shadow", "no 'ema_shadow' for parameter 0"),
         ("not-a-mapping", "must be a mapping"),
     ],

@@ -11,7 +11,6 @@ it was before that operation.
 from __future__ import annotations
 
 import _signal  # signal's C core: the enum wrapping of the signal module costs tens of us a call
-import functools
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,7 +24,7 @@ from torch import Tensor
 from triton_ema import reference
 from triton_ema.kernels import HAS_TRITON, KERNEL_DTYPES, interpreting
 from triton_ema.reference import Exchanger, Upcaster, is_dense
-from triton_ema.schedules import Schedule
+from triton_ema.schedules import ProfileSet
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -79,13 +78,15 @@ def interrupts_deferred() -> Iterator[None]:
 
 @dataclass
 class Group:
-    """Tensors of one device and dtype pair, with their shadows.
+    """Tensors of one device and dtype pair, with their shadows (one list per EMA profile).
 
     ``sources`` are the tracked tensor objects themselves (the ``Parameter``, not a
     detached alias), so that a later ``p.data = ...`` is seen; ``params`` are the
     views the operations take (a complex tensor's real view), rebuilt when a
     source's storage moves. ``kind`` is ``"ema"`` (averaged) or ``"copy"``
-    (non-floating buffers: copied on each update, exchanged by the swap).
+    (non-floating buffers: copied on each update, exchanged by the swap; one
+    shadow whatever the number of profiles). ``profile`` selects the shadows
+    that :attr:`shadows` and the swap use.
     """
 
     device: torch.device
@@ -94,23 +95,34 @@ class Group:
     use_triton: bool
     kind: str = "ema"
     sources: list[Tensor] = field(default_factory=list)
-    shadows: list[Tensor] = field(default_factory=list)
+    profile_shadows: list[list[Tensor]] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     params: list[Tensor] = field(default_factory=list)
+    profile: int = 0
     _meta: list[tuple] = field(default_factory=list)
     _strides: list[tuple] = field(default_factory=list)
     _ptrs: list[int] | None = None
-    _tables: list = field(default_factory=list)
-    _upcaster: Upcaster | None = None
-    _exchanger: Exchanger | None = None
+    _cache: dict = field(default_factory=dict)
 
-    def add(self, source: Tensor, shadow: Tensor, name: str) -> None:
+    def add(self, source: Tensor, shadows: list[Tensor], name: str) -> None:
+        if not self.profile_shadows:
+            self.profile_shadows = [[] for _ in shadows]
+        for shadow_list, shadow in zip(self.profile_shadows, shadows, strict=True):
+            shadow_list.append(shadow)
         self.sources.append(source)
-        self.shadows.append(shadow)
         self.names.append(name)
         self._meta.append(_META(source))
         self._strides.append(source.stride())
         self._ptrs = None
+        self._cache = {}
+
+    @property
+    def n_profiles(self) -> int:
+        return len(self.profile_shadows)
+
+    @property
+    def shadows(self) -> list[Tensor]:
+        return self.profile_shadows[self.profile]
 
     @property
     def exchanges(self) -> bool:
@@ -138,35 +150,46 @@ class Group:
             # Detached views: the in-place updates then record nothing for autograd without a
             # no_grad context per step; they are rebuilt whenever a source's storage moves.
             self.params = [real_view(t.detach()) for t in self.sources]
-            self._tables = []
-            self._upcaster = None
-            self._exchanger = None
+            self._cache = {k: v for k, v in self._cache.items() if k[0] == "real"}
             self._ptrs = ptrs
 
+    def _cached(self, key: tuple, make):
+        value = self._cache.get(key)
+        if value is None:
+            value = self._cache[key] = make()
+        return value
+
+    def real_shadows_of(self, k: int) -> list[Tensor]:
+        return self._cached(("real", k), lambda: [real_view(s) for s in self.profile_shadows[k]])
+
+    @property
+    def real_shadows(self) -> list[Tensor]:
+        return self.real_shadows_of(self.profile)
+
+    def all_real_shadows(self) -> list[list[Tensor]]:
+        return [self.real_shadows_of(k) for k in range(self.n_profiles)]
+
     def upcaster(self) -> Upcaster | None:
-        """Scratch for the torch path when the shadows are wider than the parameters."""
+        """Scratch for the torch path when the shadows are wider than the parameters (serves every profile)."""
         if self.exchanges:
             return None
-        if self._upcaster is None:
-            self._upcaster = Upcaster(self.params, self.real_shadows)
-        return self._upcaster
+        shadows = self.all_real_shadows()
+        return self._cached(("upcaster",), lambda: Upcaster(self.params, shadows[0], more=tuple(shadows[1:])))
 
     def exchanger(self) -> Exchanger:
-        if self._exchanger is None:
-            self._exchanger = Exchanger(self.params, self.real_shadows)
-        return self._exchanger
-
-    @functools.cached_property
-    def real_shadows(self) -> list[Tensor]:
-        return [real_view(s) for s in self.shadows]
+        return self._cached(("exchanger", self.profile), lambda: Exchanger(self.params, self.real_shadows))
 
     def tables(self) -> list:
-        """The kernels' tensor tables, built after :meth:`refresh` found the storage moved."""
-        if not self._tables:
-            from triton_ema.kernels.table import build_tables
+        """The kernels' tables of (params, the current profile's shadows), built after the storage moved."""
+        from triton_ema.kernels.table import build_tables
 
-            self._tables = build_tables(self.params, self.real_shadows)
-        return self._tables
+        return self._cached(("tables", self.profile), lambda: build_tables(self.params, self.real_shadows))
+
+    def multi_tables(self) -> list:
+        """Tables of (params, every profile's shadows), for the fused K-profile update."""
+        from triton_ema.kernels.table import build_tables
+
+        return self._cached(("multi",), lambda: build_tables(self.params, *self.all_real_shadows()))
 
 
 class OffloadedGroup(Group):
@@ -189,14 +212,15 @@ class OffloadedGroup(Group):
         self._copied: torch.cuda.Event | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triton-ema-offload")
         self._pending: Future | None = None
+        self._upcaster: Upcaster | None = None
 
     @property
     def exchanges(self) -> bool:
         return False
 
-    def add(self, source: Tensor, shadow: Tensor, name: str) -> None:
-        super().add(source, shadow, name)
-        self.staging.append(torch.empty_like(real_view(shadow), dtype=real_view(source).dtype).pin_memory())
+    def add(self, source: Tensor, shadows: list[Tensor], name: str) -> None:
+        super().add(source, shadows, name)
+        self.staging.append(torch.empty_like(real_view(shadows[0]), dtype=real_view(source).dtype).pin_memory())
         self._upcaster = None
 
     def refresh(self) -> None:
@@ -204,7 +228,7 @@ class OffloadedGroup(Group):
         super().refresh()
         self._upcaster = upcaster  # works on the staging buffers, which do not move
 
-    def update(self, weight: float) -> None:
+    def update(self, weights: list[float]) -> None:
         self.join()
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
@@ -214,13 +238,15 @@ class OffloadedGroup(Group):
             self._copied.record(self._stream)
         copied = self._copied
 
+        shadows = self.all_real_shadows()
         if self._upcaster is None and self.param_dtype != self.shadow_dtype:
-            self._upcaster = Upcaster(self.staging, self.real_shadows)
+            self._upcaster = Upcaster(self.staging, shadows[0], more=tuple(shadows[1:]))
         upcaster = self._upcaster
 
         def cpu_update() -> None:
             copied.synchronize()
-            reference.ema_update_(self.staging, self.real_shadows, weight, upcaster)
+            with torch.no_grad():
+                reference.update_multi_(self.staging, shadows, weights, upcaster)
 
         self._pending = self._worker.submit(cpu_update)
 
@@ -248,12 +274,19 @@ class DeviceState:
 class Dispatcher:
     """Runs the update and the swap over all groups: one kernel launch per Triton group."""
 
-    def __init__(self, backend: str, ema_device: torch.device | None = None, skip_nonfinite: bool = False) -> None:
+    def __init__(
+        self,
+        backend: str,
+        ema_device: torch.device | None = None,
+        skip_nonfinite: bool = False,
+        n_profiles: int = 1,
+    ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"Unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
         self.backend = backend
         self.ema_device = ema_device
         self.skip_nonfinite = skip_nonfinite
+        self.n_profiles = n_profiles
         self.groups: dict[tuple, Group] = {}
         self.devices: dict[torch.device, DeviceState] = {}
         self._swap_state: list[tuple[Group, object]] | None = None
@@ -285,22 +318,24 @@ class Dispatcher:
     def offloaded(self, param: Tensor) -> bool:
         return self.ema_device is not None and self.ema_device != param.device
 
-    def plan(self, source: Tensor, shadow_dtype: torch.dtype, copy: bool = False) -> tuple[tuple, Tensor]:
-        """The group key and a new (uninitialised) shadow for ``source``; changes nothing."""
+    def plan(self, source: Tensor, shadow_dtype: torch.dtype, copy: bool = False) -> tuple[tuple, list[Tensor]]:
+        """The group key and new (uninitialised) shadows for ``source``, one per profile; changes nothing."""
         if copy:
-            shadow = torch.empty_like(source, requires_grad=False)
-            return (source.device, source.dtype, source.dtype, "copy"), shadow
+            return (source.device, source.dtype, source.dtype, "copy"), [torch.empty_like(source, requires_grad=False)]
         if self.offloaded(source):
             if source.device.type != "cuda" or self.ema_device.type != "cpu":
                 raise ValueError(f"ema_device={self.ema_device} is supported for CUDA parameters only, as 'cpu'")
-            shadow = torch.empty_strided(source.shape, source.stride(), dtype=shadow_dtype, pin_memory=True)
-            return (source.device, real_view(source).dtype, real_view(shadow).dtype, "offload"), shadow
-        shadow = torch.empty_like(source, dtype=shadow_dtype, requires_grad=False)
-        use_triton = self._use_triton(real_view(source), real_view(shadow))
-        return (source.device, real_view(source).dtype, real_view(shadow).dtype, use_triton), shadow
+            shadows = [
+                torch.empty_strided(source.shape, source.stride(), dtype=shadow_dtype, pin_memory=True)
+                for _ in range(self.n_profiles)
+            ]
+            return (source.device, real_view(source).dtype, real_view(shadows[0]).dtype, "offload"), shadows
+        shadows = [torch.empty_like(source, dtype=shadow_dtype, requires_grad=False) for _ in range(self.n_profiles)]
+        use_triton = self._use_triton(real_view(source), real_view(shadows[0]))
+        return (source.device, real_view(source).dtype, real_view(shadows[0]).dtype, use_triton), shadows
 
-    def add(self, key: tuple, source: Tensor, shadow: Tensor, name: str, step: int) -> int:
-        """Register a pair planned by :meth:`plan` and return its slot in the group. ``step`` seeds a new counter."""
+    def add(self, key: tuple, source: Tensor, shadows: list[Tensor], name: str, step: int) -> int:
+        """Register a tensor planned by :meth:`plan`; returns its slot in the group. ``step`` seeds a new counter."""
         device, param_dtype, shadow_dtype, how = key
         group = self.groups.get(key)
         if group is None:
@@ -321,8 +356,7 @@ class Dispatcher:
             state.flag = torch.zeros(1, dtype=torch.int32, device=device)
             state.skipped = torch.zeros(1, dtype=torch.int64, device=device)
         self._has_cuda = self._has_cuda or device.type == "cuda"
-        group.add(source, shadow, name)
-        group.__dict__.pop("real_shadows", None)
+        group.add(source, shadows, name)
         self._all_ptrs = None  # the next refresh takes the full path
         return len(group.sources) - 1
 
@@ -352,52 +386,71 @@ class Dispatcher:
         self._all_meta = list(map(_FAST_META, self._all_sources))
         self._all_strides = list(map(Tensor.stride, self._all_sources))
 
-    def update(self, step: int, schedule: Schedule) -> None:
-        """Apply step ``step``: the device counters move first, then one launch per Triton group."""
+    def update(self, step: int, profiles: ProfileSet) -> None:
+        """Apply step ``step``: the device counters move first, then one launch per Triton group and table.
+
+        A single classic schedule runs the kernel that evaluates it from the counter;
+        several profiles (or power-function ones) run the fused K-profile kernel with
+        weights computed on the device from the counter.
+        """
         self.refresh()
         if self._has_cuda and torch.cuda.is_current_stream_capturing():
-            self._check_capturable(schedule)
+            self._check_capturable(profiles)
         for state in self.devices.values():
             if state.counter is not None:
                 state.counter.add_(1)
-        weight = schedule.weight(step)
+        single = profiles.single_schedule
+        weights = profiles.weights(step)
         if self.skip_nonfinite:
-            self._check_finite(weight)
+            self._check_finite(weights is not None)
+        device_weights: dict[torch.device, Tensor] = {}
         for g in self.groups.values():
             flag = self.devices[g.device].flag
             if isinstance(g, OffloadedGroup):
-                if weight is not None:
-                    g.update(weight)
+                if weights is not None:
+                    g.update(weights)
             elif g.kind == "copy":
-                if weight is not None:
+                if weights is not None:
                     torch._foreach_copy_(g.shadows, g.params)
             elif g.use_triton:
-                ema_update, _ = _kernels()
                 counter = self.devices[g.device].counter
-                for table in g.tables():
-                    if flag is None:
-                        ema_update.ema_update(table, counter, schedule, g.param_dtype, g.shadow_dtype)
-                    else:
-                        ema_update.ema_update(table, counter, schedule, g.param_dtype, g.shadow_dtype, skip=flag)
-            elif weight is not None:
+                if single is not None:
+                    ema_update, _ = _kernels()
+                    for table in g.tables():
+                        if flag is None:
+                            ema_update.ema_update(table, counter, single, g.param_dtype, g.shadow_dtype)
+                        else:
+                            ema_update.ema_update(table, counter, single, g.param_dtype, g.shadow_dtype, skip=flag)
+                elif weights is not None or g.device.type != "cpu":
+                    # On a CPU (the interpreter: no CUDA graphs) the host's count is the truth and a
+                    # step without an update launches nothing; on a GPU the kernel decides.
+                    from triton_ema.kernels.multi import ema_update_multi
+
+                    w = device_weights.get(g.device)
+                    if w is None:
+                        w = device_weights[g.device] = profiles.device_weights(counter)
+                    for table in g.multi_tables():
+                        ema_update_multi(table, w, g.param_dtype, g.shadow_dtype, g.n_profiles, skip=flag)
+            elif weights is not None:
                 if flag is None:
-                    reference.update_(g.params, g.real_shadows, weight, g.upcaster())
+                    reference.update_multi_(g.params, g.all_real_shadows(), weights, g.upcaster())
                 elif g.device.type == "cpu":
                     # Reading a CPU flag waits for nothing: branch on the host and update at full speed.
                     if not flag.item():
-                        reference.update_(g.params, g.real_shadows, weight, g.upcaster())
+                        reference.update_multi_(g.params, g.all_real_shadows(), weights, g.upcaster())
                 else:
-                    reference.guarded_update_(g.params, g.real_shadows, weight, flag)
+                    for shadows, w in zip(g.all_real_shadows(), weights):
+                        reference.guarded_update_(g.params, shadows, w, flag)
         if self.skip_nonfinite:
             for state in self.devices.values():
                 if state.counter is not None:
                     # The kernels decide on the device whether this step updates at all.
-                    due = state.counter.remainder(schedule.update_every).eq(0)
+                    due = state.counter.remainder(profiles.update_every).eq(0)
                     state.skipped.add_(state.flag * due)
-                elif weight is not None:
+                elif weights is not None:
                     state.skipped.add_(state.flag)
 
-    def _check_finite(self, weight: float | None) -> None:
+    def _check_finite(self, updating: bool) -> None:
         """Raise each device's flag if one of its averaged tensors holds NaN or inf (on the device)."""
         for state in self.devices.values():
             state.flag.zero_()
@@ -409,14 +462,14 @@ class Dispatcher:
                 ema_update, _ = _kernels()
                 for table in g.tables():
                     ema_update.nonfinite_(table, flag)
-            elif weight is not None:
+            elif updating:
                 reference.nonfinite_(g.params, flag)
 
-    def _check_capturable(self, schedule: Schedule) -> None:
+    def _check_capturable(self, profiles: ProfileSet) -> None:
         for g in self.groups.values():
             if isinstance(g, OffloadedGroup):
                 raise RuntimeError("ema_device='cpu' updates cannot be captured in a CUDA graph")
-            if not g.use_triton and not schedule.is_constant:
+            if not g.use_triton and not profiles.is_constant:
                 raise RuntimeError(
                     "the torch path computes the decay on the host, so a CUDA graph would replay the decay of "
                     "the captured step: capture with backend='triton' (the default for CUDA tensors), or use a "
@@ -450,12 +503,13 @@ class Dispatcher:
     def swapped(self) -> bool:
         return self._swap_state is not None
 
-    def ema_holder(self, group: Group) -> list[Tensor]:
-        """The tensors that hold the EMA right now: the params while an equal-dtype swap is in."""
+    def ema_holder(self, group: Group, profile: int = 0) -> list[Tensor]:
+        """The tensors that hold a profile's EMA right now: the params while an equal-dtype swap of it is in."""
         self.join()
-        if self.swapped and group.exchanges:
+        k = profile if group.n_profiles > 1 else 0
+        if self.swapped and group.exchanges and k == group.profile:
             return group.sources
-        return group.shadows
+        return group.profile_shadows[k]
 
     @staticmethod
     def _exchange(g: Group, journal: list[int]) -> None:
@@ -515,12 +569,14 @@ class Dispatcher:
             torch._foreach_copy_(g.params, backup)
 
     @torch.no_grad()
-    def swap_in(self) -> None:
-        """Put the EMA into every tracked tensor. On any failure nothing has changed, and it re-raises."""
+    def swap_in(self, profile: int = 0) -> None:
+        """Put profile ``profile``'s EMA into every tracked tensor. On any failure nothing has changed."""
         self.join()
         self.refresh()
         done: list[tuple[Group, object]] = []
         with interrupts_deferred():
+            for g in self.groups.values():
+                g.profile = profile if g.n_profiles > 1 else 0
             try:
                 for g in self.groups.values():
                     if g.exchanges:
@@ -535,8 +591,13 @@ class Dispatcher:
                         done.append((g, self._load(g)))
             except BaseException:
                 self._undo(done)
+                self._reset_profiles()
                 raise
             self._swap_state = done
+
+    def _reset_profiles(self) -> None:
+        for g in self.groups.values():
+            g.profile = 0
 
     def _undo(self, done: list[tuple[Group, object]]) -> None:
         for g, backup in reversed(done):
@@ -578,6 +639,7 @@ class Dispatcher:
                         self._reload(g)
                 raise
             self._swap_state = None
+            self._reset_profiles()
 
     def _reload(self, g: Group) -> None:
         """Write the shadows into the parameters again (after a restore that failed or was undone)."""

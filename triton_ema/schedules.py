@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 #: Warmup names accepted by :class:`Schedule`, mapped to the kernel's constexpr code.
 WARMUPS: dict[str | None, int] = {None: 0, "litema": 1, "power": 2}
@@ -114,3 +117,163 @@ class Schedule:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class PowerProfile:
+    """An EDM2 power-function EMA profile of relative width ``sigma_rel`` (Karras et al. 2024).
+
+    With ``u = t - update_after_step`` the time after step ``t`` and ``Δt = update_every``
+    the time between updates, an update moves the shadow with weight
+    ``w = 1 - (1 - Δt/u) ** (γ + 1)``, ``γ = sigma_rel_to_gamma(sigma_rel)``; the first
+    update (``u <= Δt``) and steps with ``u <= 0`` copy. Time counts optimizer steps,
+    so the profile keeps its width whatever ``update_every`` is.
+    """
+
+    sigma_rel: float
+    update_after_step: int = 0
+    update_every: int = 1
+
+    def __post_init__(self) -> None:
+        from triton_ema.profiles import sigma_rel_to_gamma
+
+        if isinstance(self.sigma_rel, bool) or not isinstance(self.sigma_rel, (int, float)):
+            raise TypeError(f"sigma_rel must be a float, got {type(self.sigma_rel).__name__}")
+        sigma_rel_to_gamma(float(self.sigma_rel))  # validates the range
+        Schedule(update_after_step=self.update_after_step, update_every=self.update_every)
+
+    @property
+    def gamma(self) -> float:
+        from triton_ema.profiles import sigma_rel_to_gamma
+
+        return sigma_rel_to_gamma(float(self.sigma_rel))
+
+    @property
+    def is_constant(self) -> bool:
+        return False
+
+    def weight(self, t: int) -> float | None:
+        from triton_ema.profiles import power_weight
+
+        if t < 1:
+            raise ValueError(f"step counts start at 1, got {t}")
+        if t % self.update_every:
+            return None
+        u = t - self.update_after_step
+        if u <= 0:
+            return 1.0
+        return power_weight(u, self.update_every, self.gamma)
+
+    def decay_at(self, t: int) -> float | None:
+        w = self.weight(t)
+        return None if w is None else 1.0 - w
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "power", **asdict(self)}
+
+
+Profile = Schedule | PowerProfile
+
+
+def profile_from_dict(d: dict[str, Any]) -> Profile:
+    d = dict(d)
+    kind = d.pop("kind", "decay")
+    if kind == "power":
+        return PowerProfile(**d)
+    if kind != "decay":
+        raise ValueError(f"unknown EMA profile kind {kind!r}")
+    return Schedule(**d)
+
+
+def profile_to_dict(p: Profile) -> dict[str, Any]:
+    return p.to_dict() if isinstance(p, PowerProfile) else {"kind": "decay", **p.to_dict()}
+
+
+class ProfileSet:
+    """The K profiles a wrapper tracks. They share ``update_after_step`` and ``update_every``.
+
+    :meth:`weights` gives the host's weights (the torch path); :meth:`device_weights`
+    computes the same on the device from the step counter with a few tensor ops, so
+    the fused K-profile kernel needs nothing from the host and CUDA graphs keep working.
+    """
+
+    def __init__(self, members: tuple[Profile, ...]) -> None:
+        if not members:
+            raise ValueError("at least one EMA profile is needed")
+        first = members[0]
+        for m in members:
+            if (m.update_after_step, m.update_every) != (first.update_after_step, first.update_every):
+                raise ValueError("EMA profiles must share update_after_step and update_every")
+            if type(m) is not type(first):
+                raise ValueError("EMA profiles must be all decays or all sigma_rel")
+            if isinstance(m, Schedule) and (m.warmup, m.warmup_gamma, m.warmup_power, m.min_decay) != (
+                first.warmup,
+                first.warmup_gamma,
+                first.warmup_power,
+                first.min_decay,
+            ):
+                raise ValueError("EMA profiles given as decays must share the warmup and min_decay")
+        self.members = tuple(members)
+        self._device_consts: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ProfileSet) and self.members == other.members
+
+    @property
+    def single_schedule(self) -> Schedule | None:
+        """The one classic schedule, when that is all there is (the single-profile kernel computes it itself)."""
+        m = self.members[0]
+        return m if len(self.members) == 1 and isinstance(m, Schedule) else None
+
+    @property
+    def update_every(self) -> int:
+        return self.members[0].update_every
+
+    @property
+    def is_constant(self) -> bool:
+        return all(m.is_constant for m in self.members)
+
+    def weights(self, t: int) -> list[float] | None:
+        ws = [m.weight(t) for m in self.members]
+        return None if ws[0] is None else ws
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [profile_to_dict(m) for m in self.members]
+
+    def device_weights(self, counter: Tensor) -> Tensor:
+        """float32 ``[K]``: each profile's weight for step ``counter[0]``, 0 where the step makes no update."""
+        import torch
+
+        device = counter.device
+        consts = self._device_consts.get(device)
+        first = self.members[0]
+        if consts is None:
+            if isinstance(first, PowerProfile):
+                values = [m.gamma + 1.0 for m in self.members]
+            else:
+                values = [m.min_weight for m in self.members]
+            consts = self._device_consts[device] = torch.tensor(values, dtype=torch.float64, device=device)
+        t = counter.to(torch.float64)
+        u = t - first.update_after_step
+        due = counter.remainder(first.update_every).eq(0)
+        if isinstance(first, PowerProfile):
+            dt = float(first.update_every)
+            w = torch.expm1(consts * torch.log1p(-dt / u.clamp(min=dt + 1.0))).neg()
+            w = torch.where(u <= dt, torch.ones_like(w), w)
+        else:
+            if first.warmup == "litema":
+                w = torch.maximum(consts, 9.0 / (10.0 + u.clamp(min=0.0)))
+            elif first.warmup == "power":
+                base = 1.0 + (u - 1.0).clamp(min=0.0) / first.warmup_gamma
+                w = torch.maximum(consts, base.pow(-first.warmup_power))
+            else:
+                w = consts.clone()
+            w = w.clamp(max=first.max_weight)
+            copy = u <= 0
+            if first.warmup == "power":
+                copy = copy | (u == 1)
+            w = torch.where(copy, torch.ones_like(w), w)
+        return torch.where(due, w, torch.zeros_like(w)).to(torch.float32)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from triton_ema.dispatch import BACKENDS, Dispatcher
-from triton_ema.schedules import Schedule
+from triton_ema.schedules import PowerProfile, ProfileSet, Schedule, profile_from_dict
 
 try:
     from torch.distributed.tensor import DTensor
@@ -23,6 +24,7 @@ except ImportError:  # pragma: no cover - builds without distributed support
     DTensor = None
 
 _FORMAT_VERSION = 2
+_UNSET: Any = object()
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -106,7 +108,7 @@ class EMAOptimizerWrapper(Optimizer):
     def __init__(
         self,
         optimizer: Optimizer,
-        decay: float = 0.9999,
+        decay: float | Sequence[float] = _UNSET,
         *,
         warmup: str | None = None,
         warmup_gamma: float = 1.0,
@@ -119,12 +121,34 @@ class EMAOptimizerWrapper(Optimizer):
         buffers: Iterable[Tensor] | None = None,
         ema_device: torch.device | str | None = None,
         skip_nonfinite: bool = False,
+        sigma_rel: float | Sequence[float] | None = None,
+        snapshot_every: int | None = None,
+        snapshot_dir: str | os.PathLike | None = None,
+        snapshot_dtype: torch.dtype | None = None,
+        model: torch.nn.Module | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, EMAOptimizerWrapper):
             raise TypeError("optimizer is already an EMAOptimizerWrapper")
-        schedule = Schedule(decay, warmup, warmup_gamma, warmup_power, min_decay, update_after_step, update_every)
+        profiles = _profiles(
+            decay, sigma_rel, warmup, warmup_gamma, warmup_power, min_decay, update_after_step, update_every
+        )
+        if snapshot_every is not None or snapshot_dir is not None:
+            if snapshot_every is None or snapshot_dir is None:
+                raise ValueError("snapshots need both snapshot_every and snapshot_dir")
+            if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1:
+                raise ValueError(f"Invalid snapshot_every value: {snapshot_every!r}. It must be an int >= 1.")
+            if not isinstance(profiles.members[0], PowerProfile):
+                raise ValueError(
+                    "snapshots are for post-hoc reconstruction, which needs power-function profiles: pass sigma_rel=..."
+                )
+        if snapshot_dtype is not None and (
+            not isinstance(snapshot_dtype, torch.dtype) or not snapshot_dtype.is_floating_point
+        ):
+            raise ValueError(f"snapshot_dtype must be a floating torch.dtype or None, got {snapshot_dtype!r}")
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if backend not in BACKENDS:
             raise ValueError(f"Unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
         if ema_dtype is not None and (not isinstance(ema_dtype, torch.dtype) or not ema_dtype.is_floating_point):
@@ -141,7 +165,7 @@ class EMAOptimizerWrapper(Optimizer):
                 ema_device = torch.device("cpu")  # "cpu:0" is the CPU too
 
         self.optimizer = optimizer
-        self.schedule = schedule
+        self.profiles = profiles
         self.ema_dtype = ema_dtype
         self.backend = backend
         self._init_hooks()
@@ -153,8 +177,15 @@ class EMAOptimizerWrapper(Optimizer):
         self._entries: list[_Entry] = []
         self._regions: dict[tuple, int] = {}
         self._restore_failed = False
-        self._dispatch = Dispatcher(backend, ema_device, skip_nonfinite)
+        self._snapshot = _SnapshotConfig(snapshot_every, snapshot_dir, snapshot_dtype, model)
+        self._writer = None
+        self._dispatch = Dispatcher(backend, ema_device, skip_nonfinite, n_profiles=len(profiles))
         self._track(self._all_params(), buffers)
+
+    @property
+    def schedule(self) -> Schedule | PowerProfile:
+        """The first EMA profile (the only one unless several decays or sigma_rel values were given)."""
+        return self.profiles.members[0]
 
     # The inner optimizer's own objects, looked up on every access: Optimizer.load_state_dict
     # replaces the list and the dict, and a scheduler or trainer holding the wrapper must keep
@@ -253,7 +284,7 @@ class EMAOptimizerWrapper(Optimizer):
                     group_key, shadow = self._dispatch.plan(local, shadow_dtype, copy=not averaged)
                 index = len(self._entries) + len(new_entries)
                 regions[key] = index
-                new_entries.append(_Entry(owner=t, shadow=shadow, name=name, key=group_key, span=span))
+                new_entries.append(_Entry(owner=t, shadows=shadow, name=name, key=group_key, span=span))
             (buffer_entry if is_buffer else param_entry).append(index)
         return new_entries, param_entry, buffer_entry, [regions]
 
@@ -261,8 +292,9 @@ class EMAOptimizerWrapper(Optimizer):
         new_entries, param_entry, buffer_entry, (regions,) = plan
         with torch.no_grad():
             for e in new_entries:
-                e.shadow.copy_(_local(e.owner))
-                e.slot = self._dispatch.add(e.key, _local(e.owner), e.shadow, e.name, self._step)
+                for shadow in e.shadows:
+                    shadow.copy_(_local(e.owner))
+                e.slot = self._dispatch.add(e.key, _local(e.owner), e.shadows, e.name, self._step)
         self._entries.extend(new_entries)
         self._regions = regions
         self._params.extend(p for p, _ in params)
@@ -338,8 +370,10 @@ class EMAOptimizerWrapper(Optimizer):
         self._check_not_swapped("update_ema")
         # The dispatcher checks the tensors before it counts or touches anything, and works on
         # detached views (no autograd context needed).
-        self._dispatch.update(self._step + 1, self.schedule)
+        self._dispatch.update(self._step + 1, self.profiles)
         self._step += 1
+        if self._snapshot.every is not None:
+            self._maybe_snapshot()
 
     # Runs eagerly even when step() is traced by torch.compile: dynamo would drop the
     # step-count mutation on the optimizer object, and the kernels launch on their own.
@@ -365,16 +399,90 @@ class EMAOptimizerWrapper(Optimizer):
         """The decay the next step will use, or ``None`` if it makes no update."""
         return self.schedule.decay_at(self.num_steps + 1)
 
+    # ------------------------------------------------------------------ snapshots
+    def _maybe_snapshot(self) -> None:
+        every = self.profiles.update_every
+        if self._step % every or (self._step // every) % self._snapshot.every:
+            return
+        writer = self._snapshot_writer()
+        names = self._snapshot_names()
+        t = self._step - self.profiles.members[0].update_after_step
+        for k, profile in enumerate(self.profiles.members):
+            holders = self._holders(k)
+            tensors, shards = {}, {}
+            for name, (i, owner) in names.items():
+                tensors[name] = holders[i]
+                shard = _shard_info(owner)
+                if shard is not None:
+                    shards[name] = shard
+            writer.submit(
+                self._step,
+                t,
+                profile.gamma,
+                profile.sigma_rel,
+                k,
+                tensors,
+                dtype=self._snapshot.dtype,
+                shards=shards or None,
+            )
+
+    def _snapshot_writer(self):
+        if self._writer is None:
+            from triton_ema.snapshot import SnapshotWriter
+
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            self._writer = SnapshotWriter(self._snapshot.dir, rank=rank)
+        return self._writer
+
+    def _snapshot_names(self) -> dict[str, tuple[int, Tensor]]:
+        """Snapshot tensor name -> (entry, tracked tensor): parameter names where known, else positions."""
+        by_id: dict[int, str] = {}
+        model = self._snapshot.model
+        if model is not None:
+            by_id.update({id(p): n for n, p in model.named_parameters(remove_duplicate=False)})
+            by_id.update({id(b): n for n, b in model.named_buffers(remove_duplicate=False)})
+        position = 0
+        for group in self.param_groups:
+            names = group.get("param_names")
+            if isinstance(names, (list, tuple)) and len(names) == len(group["params"]):
+                for p, n in zip(group["params"], names):
+                    by_id.setdefault(id(p), n)
+            position += len(group["params"])
+        out: dict[str, tuple[int, Tensor]] = {}
+        seen: set[int] = set()
+        items = [(p, i, f"param.{j}") for j, (p, i) in enumerate(zip(self._params, self._param_entry))]
+        items += [(b, i, f"buffer.{j}") for j, (b, i) in enumerate(zip(self._buffers, self._buffer_entry))]
+        for t, i, fallback in items:
+            if i in seen or self._dispatch.groups[self._entries[i].key].kind == "copy":
+                continue
+            seen.add(i)
+            out[by_id.get(id(t), fallback)] = (i, t)
+        return out
+
+    def flush(self) -> None:
+        """Return once every snapshot taken so far is on disk; raises if writing one failed."""
+        if self._writer is not None:
+            self._writer.flush()
+
     # ------------------------------------------------------------------ reading and swapping
-    def _holders(self) -> list[Tensor]:
-        """Per entry, the local tensor that holds its EMA right now."""
+    def _holders(self, profile: int = 0) -> list[Tensor]:
+        """Per entry, the local tensor that holds profile ``profile``'s EMA right now."""
         self._dispatch.join()
         groups = self._dispatch.groups
+        swapped = self._dispatch.swapped
         out = []
         for e in self._entries:
             g = groups[e.key]
-            out.append(g.sources[e.slot] if (self._dispatch.swapped and g.exchanges) else g.shadows[e.slot])
+            k = profile if g.n_profiles > 1 else 0
+            out.append(
+                g.sources[e.slot] if (swapped and g.exchanges and g.profile == k) else g.profile_shadows[k][e.slot]
+            )
         return out
+
+    def _check_profile(self, profile: int) -> int:
+        if isinstance(profile, bool) or not isinstance(profile, int) or not 0 <= profile < len(self.profiles):
+            raise ValueError(f"profile must be an int in [0, {len(self.profiles)}), got {profile!r}")
+        return profile
 
     def _as_global(self, local: Tensor, like: Tensor) -> Tensor:
         if _is_dtensor(like):
@@ -383,32 +491,33 @@ class EMAOptimizerWrapper(Optimizer):
             )
         return local
 
-    def ema_params(self) -> list[Tensor]:
+    def ema_params(self, profile: int = 0) -> list[Tensor]:
         """The EMA of each parameter, in ``param_groups`` order (DTensors for DTensor parameters).
 
         These are the live shadows: modify them at your own risk. Inside
         :meth:`ema_weights` the EMA lives in the parameters, and the returned
         tensors are the parameters themselves where dtypes are equal.
         """
-        holders = self._holders()
+        holders = self._holders(self._check_profile(profile))
         return [self._as_global(holders[i], p) for i, p in zip(self._param_entry, self._params)]
 
-    def ema_buffers(self) -> list[Tensor]:
+    def ema_buffers(self, profile: int = 0) -> list[Tensor]:
         """The EMA of each floating buffer and the copy of each other buffer, in the order given."""
-        holders = self._holders()
+        holders = self._holders(self._check_profile(profile))
         return [self._as_global(holders[i], b) for i, b in zip(self._buffer_entry, self._buffers)]
 
     @torch.no_grad()
-    def copy_ema_to_params(self) -> None:
-        """Write the EMA into the parameters (and buffers) for good, e.g. before exporting the model."""
+    def copy_ema_to_params(self, profile: int = 0) -> None:
+        """Write a profile's EMA into the parameters (and buffers) for good, e.g. before exporting the model."""
+        self._check_profile(profile)
         self._check_not_swapped("copy_ema_to_params")
         self._dispatch.join()
         self._dispatch.refresh()
         for g in self._dispatch.groups.values():
-            torch._foreach_copy_(g.params, g.real_shadows)
+            torch._foreach_copy_(g.params, g.real_shadows_of(profile if g.n_profiles > 1 else 0))
 
     @contextmanager
-    def ema_weights(self) -> Iterator[EMAOptimizerWrapper]:
+    def ema_weights(self, profile: int = 0) -> Iterator[EMAOptimizerWrapper]:
         """Context manager: inside, every tracked parameter (and buffer) holds its EMA value.
 
         The swap is in place, so a compiled model or anything else holding the
@@ -422,8 +531,9 @@ class EMAOptimizerWrapper(Optimizer):
         if self._dispatch.swapped and not self._restore_failed:
             raise RuntimeError("ema_weights() is already active; it does not nest")
         self._check_not_swapped("ema_weights")
+        self._check_profile(profile)
         try:
-            self._dispatch.swap_in()
+            self._dispatch.swap_in(profile)
             yield self
         finally:
             if self._dispatch.swapped:
@@ -459,6 +569,7 @@ class EMAOptimizerWrapper(Optimizer):
             "step": self.num_steps,
             "skipped_updates": self.skipped_updates,
             "schedule": self.schedule.to_dict(),
+            "profiles": self.profiles.to_list(),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -476,23 +587,32 @@ class EMAOptimizerWrapper(Optimizer):
         """
         for hook in list(self._optimizer_state_dict_pre_hooks.values()):
             hook(self)
+        self.flush()
         state = self.optimizer.state_dict()
-        holders = self._holders()
-        if self._dispatch.swapped:
-            holders = [h.clone() for h in holders]
+        profiles = []
+        for k in range(len(self.profiles)):
+            holders = self._holders(k)
+            if self._dispatch.swapped:
+                holders = [h.clone() for h in holders]
+            profiles.append(holders)
         packed_state = dict(state["state"])
         position = 0
         for group in state["param_groups"]:
             for key in group["params"]:
                 p = self._params[position]
-                shadow = self._as_global(holders[self._param_entry[position]], p)
                 # A copy of the entry: the inner state dict's values are the optimizer's live dicts.
-                packed_state[key] = {**packed_state.get(key, {}), "ema_shadow": shadow}
+                entry = dict(packed_state.get(key, {}))
+                for k, holders in enumerate(profiles):
+                    entry[_shadow_key(k)] = self._as_global(holders[self._param_entry[position]], p)
+                packed_state[key] = entry
                 position += 1
             group["ema"] = self._ema_meta()
         state["state"] = packed_state
         if self._buffers:
-            state["ema_buffers"] = [self._as_global(holders[i], b) for i, b in zip(self._buffer_entry, self._buffers)]
+            for k, holders in enumerate(profiles):
+                state[_buffers_key(k)] = [
+                    self._as_global(holders[i], b) for i, b in zip(self._buffer_entry, self._buffers)
+                ]
         for hook in list(self._optimizer_state_dict_post_hooks.values()):
             result = hook(self, state)
             if result is not None:
@@ -512,25 +632,31 @@ class EMAOptimizerWrapper(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        inner, meta, shadows, buffer_shadows = self._parse(state_dict)
-        schedule = Schedule(**meta["schedule"])
+        inner, meta, shadows, buffer_shadows, profiles = self._parse(state_dict)
 
         self._dispatch.join()
         self.optimizer.load_state_dict(inner)
         with torch.no_grad():
-            for position, source in enumerate(shadows):
-                self._entries[self._param_entry[position]].shadow.copy_(_local(source))
+            for k, per_profile in enumerate(shadows):
+                for position, source in enumerate(per_profile):
+                    entry = self._entries[self._param_entry[position]]
+                    entry.shadows[min(k, len(entry.shadows) - 1)].copy_(_local(source))
             if buffer_shadows is not None:
-                for position, source in enumerate(buffer_shadows):
-                    self._entries[self._buffer_entry[position]].shadow.copy_(_local(source))
-        self.schedule = schedule
+                for k, per_profile in enumerate(buffer_shadows):
+                    for position, source in enumerate(per_profile):
+                        entry = self._entries[self._buffer_entry[position]]
+                        entry.shadows[min(k, len(entry.shadows) - 1)].copy_(_local(source))
+        self.profiles = profiles
         self._step = meta["step"]
+        if self._snapshot.every is not None:
+            # A run resumed from here drops what an abandoned run snapshotted after it.
+            self._snapshot_writer().discard_after(self._step)
         self._dispatch.set_step(self._step)
         self._dispatch.set_skipped(meta["skipped_updates"])
         for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
             hook(self)
 
-    def _parse(self, state_dict: Any) -> tuple[dict, dict, list[Tensor], list[Tensor] | None]:
+    def _parse(self, state_dict: Any) -> tuple[dict, dict, list[list[Tensor]], list[list[Tensor]] | None, ProfileSet]:
         """Split a state dict into the inner optimizer's part and the EMA, checking everything."""
         if not isinstance(state_dict, Mapping):
             raise ValueError(f"state dict must be a mapping, got {type(state_dict).__name__}")
@@ -574,7 +700,8 @@ class EMAOptimizerWrapper(Optimizer):
                     f"state dict has {len(meta['buffer_shadows'])} + {len(meta['other_buffer_shadows'])} buffer "
                     f"shadows, this wrapper tracks {len(self._buffers)} buffers"
                 )
-            buffer_shadows = [next(floats) if b.is_floating_point() else next(others) for b in self._buffers]
+            buffer_shadows = [[next(floats) if b.is_floating_point() else next(others) for b in self._buffers]]
+            shadows = [shadows]
             meta = {**meta, "skipped_updates": 0}
             inner = {k: v for k, v in state_dict.items() if k != "ema"}
         else:
@@ -590,26 +717,37 @@ class EMAOptimizerWrapper(Optimizer):
             if meta.get("format_version") != _FORMAT_VERSION:
                 raise ValueError(f"unknown EMA state format {meta.get('format_version')!r}; expected {_FORMAT_VERSION}")
             meta = {"skipped_updates": 0, **meta}
-            shadows = []
+            n_saved = len(meta["profiles"]) if isinstance(meta.get("profiles"), list) else 1
+            shadows = [[] for _ in range(n_saved)]
             for position, key in enumerate(keys):
                 entry = state.get(key)
-                if not isinstance(entry, Mapping) or "ema_shadow" not in entry:
-                    raise ValueError(f"state dict has no 'ema_shadow' for {self._entry_name(position)} (key {key!r})")
-                shadows.append(entry["ema_shadow"])
-            buffer_shadows = state_dict.get("ema_buffers")
+                for k in range(n_saved):
+                    if not isinstance(entry, Mapping) or _shadow_key(k) not in entry:
+                        raise ValueError(
+                            f"state dict has no {_shadow_key(k)!r} for {self._entry_name(position)} (key {key!r})"
+                        )
+                    shadows[k].append(entry[_shadow_key(k)])
+            buffer_shadows = [state_dict.get(_buffers_key(k)) for k in range(n_saved)]
+            if any(b is None for b in buffer_shadows):
+                buffer_shadows = None
             if buffer_shadows is None and self._buffers:
                 warnings.warn(
                     "the state dict has no buffer EMAs ('ema_buffers'; torch.distributed.checkpoint's helpers "
                     "carry only per-parameter state): the tracked buffers keep their current EMA",
                     stacklevel=3,
                 )
-            elif buffer_shadows is not None and (
-                not isinstance(buffer_shadows, list) or len(buffer_shadows) != len(self._buffers)
-            ):
-                n = len(buffer_shadows) if isinstance(buffer_shadows, list) else type(buffer_shadows).__name__
-                raise ValueError(f"state dict has {n} buffer shadows, this wrapper tracks {len(self._buffers)} buffers")
-            strip = {k: {n: v for n, v in e.items() if n != "ema_shadow"} for k, e in state.items()}
-            inner = {k: v for k, v in state_dict.items() if k not in ("state", "param_groups", "ema_buffers")}
+            for per_profile in buffer_shadows or []:
+                if not isinstance(per_profile, list) or len(per_profile) != len(self._buffers):
+                    n = len(per_profile) if isinstance(per_profile, list) else type(per_profile).__name__
+                    raise ValueError(
+                        f"state dict has {n} buffer shadows, this wrapper tracks {len(self._buffers)} buffers"
+                    )
+            strip = {k: {n: v for n, v in e.items() if not _is_shadow_key(n)} for k, e in state.items()}
+            inner = {
+                k: v
+                for k, v in state_dict.items()
+                if k not in ("state", "param_groups") and not (isinstance(k, str) and k.startswith("ema_buffers"))
+            }
             inner["state"] = {k: v for k, v in strip.items() if v}
             inner["param_groups"] = [{n: v for n, v in g.items() if n != "ema"} for g in groups]
 
@@ -617,22 +755,33 @@ class EMAOptimizerWrapper(Optimizer):
         for name, value in (("step", step), ("skipped_updates", skipped)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"EMA {name} must be a non-negative int, got {value!r}")
-        if not isinstance(meta.get("schedule"), Mapping):
-            raise ValueError("EMA state has no schedule")
+        saved_profiles = meta.get("profiles")
+        if saved_profiles is None:
+            if not isinstance(meta.get("schedule"), Mapping):
+                raise ValueError("EMA state has no schedule")
+            saved_profiles = [{"kind": "decay", **meta["schedule"]}]
+        if not isinstance(saved_profiles, list) or not all(isinstance(d, Mapping) for d in saved_profiles):
+            raise ValueError("EMA profiles in the state dict must be a list of dicts")
         try:
-            Schedule(**meta["schedule"])
+            profiles = ProfileSet(tuple(profile_from_dict(d) for d in saved_profiles))
+            if isinstance(meta.get("schedule"), Mapping) and profile_from_dict(meta["schedule"]) != profiles.members[0]:
+                raise ValueError("its 'schedule' and first profile differ")
         except (TypeError, ValueError) as e:
             raise ValueError(f"EMA schedule in the state dict is invalid: {e}") from e
-        if len(shadows) != len(self._params):
-            raise ValueError(f"state dict has {len(shadows)} shadows, this wrapper tracks {len(self._params)}")
-        for position, (s, p) in enumerate(zip(shadows, self._params)):
-            self._check_shadow(s, p, f"shadows[{position}]", averaged=True)
-        if buffer_shadows is not None:
-            for position, (s, b) in enumerate(zip(buffer_shadows, self._buffers)):
-                self._check_shadow(
-                    s, b, f"buffer_shadows[{position}]", averaged=b.is_floating_point() or b.is_complex()
-                )
-        return inner, meta, shadows, buffer_shadows
+        if len(profiles) != len(self.profiles):
+            raise ValueError(f"state dict has {len(profiles)} EMA profiles, this wrapper tracks {len(self.profiles)}")
+        for k, per_profile in enumerate(shadows):
+            if not isinstance(per_profile, list) or len(per_profile) != len(self._params):
+                n = len(per_profile) if isinstance(per_profile, list) else type(per_profile).__name__
+                raise ValueError(f"state dict has {n} shadows, this wrapper tracks {len(self._params)}")
+            for position, (s, p) in enumerate(zip(per_profile, self._params)):
+                where = f"shadows[{position}]" if k == 0 else f"profile {k} shadows[{position}]"
+                self._check_shadow(s, p, where, averaged=True)
+        for k, per_profile in enumerate(buffer_shadows or []):
+            for position, (s, b) in enumerate(zip(per_profile, self._buffers)):
+                where = f"buffer_shadows[{position}]" if k == 0 else f"profile {k} buffer_shadows[{position}]"
+                self._check_shadow(s, b, where, averaged=b.is_floating_point() or b.is_complex())
+        return inner, meta, shadows, buffer_shadows, profiles
 
     def _entry_name(self, position: int) -> str:
         return self._entries[self._param_entry[position]].name
@@ -669,7 +818,8 @@ class EMAOptimizerWrapper(Optimizer):
         self._dispatch.join()
         return {
             "optimizer": self.optimizer,
-            "schedule": self.schedule,
+            "profiles": self.profiles.members,
+            "snapshot": self._snapshot,
             "ema_dtype": self.ema_dtype,
             "backend": self.backend,
             "ema_device": self._dispatch.ema_device,
@@ -678,14 +828,16 @@ class EMAOptimizerWrapper(Optimizer):
             "param_entry": self._param_entry,
             "buffers": self._buffers,
             "buffer_entry": self._buffer_entry,
-            "entries": [(e.owner, e.shadow, e.name) for e in self._entries],
+            "entries": [(e.owner, e.shadows, e.name) for e in self._entries],
             "step": self.num_steps,
             "skipped_updates": self.skipped_updates,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.optimizer = state["optimizer"]
-        self.schedule = state["schedule"]
+        self.profiles = ProfileSet(tuple(state["profiles"]))
+        self._snapshot = state["snapshot"]
+        self._writer = None
         self.ema_dtype = state["ema_dtype"]
         self.backend = state["backend"]
         self._init_hooks()
@@ -695,23 +847,31 @@ class EMAOptimizerWrapper(Optimizer):
         self._buffers = list(state["buffers"])
         self._buffer_entry = list(state["buffer_entry"])
         self._restore_failed = False
-        self._dispatch = Dispatcher(self.backend, state["ema_device"], state["skip_nonfinite"])
+        self._dispatch = Dispatcher(
+            self.backend, state["ema_device"], state["skip_nonfinite"], n_profiles=len(self.profiles)
+        )
         self._entries, self._regions = [], {}
-        for owner, shadow, name in state["entries"]:
+        for owner, shadows, name in state["entries"]:
             local = _local(owner)
             averaged = owner.is_floating_point() or owner.is_complex()
-            key, _ = self._dispatch.plan(local, shadow.dtype, copy=not averaged)
-            slot = self._dispatch.add(key, local, shadow, name, self._step)
+            key, _ = self._dispatch.plan(local, shadows[0].dtype, copy=not averaged)
+            slot = self._dispatch.add(key, local, shadows, name, self._step)
             self._regions[_region_key(local)] = len(self._entries)
-            self._entries.append(_Entry(owner=owner, shadow=shadow, name=name, key=key, span=_span(local), slot=slot))
+            self._entries.append(_Entry(owner=owner, shadows=shadows, name=name, key=key, span=_span(local), slot=slot))
         self._dispatch.set_skipped(state["skipped_updates"])
 
     # ------------------------------------------------------------------ display
     def __repr__(self) -> str:
         s = self.schedule
         inner = "\n".join("  " + line for line in repr(self.optimizer).splitlines())
+        if isinstance(s, PowerProfile):
+            what = f"sigma_rel={tuple(m.sigma_rel for m in self.profiles.members)}"
+        else:
+            decays = [m.decay for m in self.profiles.members]
+            what = f"decay={decays[0] if len(decays) == 1 else tuple(decays)}, warmup={s.warmup!r}, "
+            what += f"min_decay={s.min_decay}"
         return (
-            f"{type(self).__name__}(decay={s.decay}, warmup={s.warmup!r}, min_decay={s.min_decay}, "
+            f"{type(self).__name__}({what}, "
             f"update_after_step={s.update_after_step}, update_every={s.update_every}, "
             f"ema_dtype={self.ema_dtype}, backend={self.backend!r}, ema_device={self._dispatch.ema_device}, "
             f"skip_nonfinite={self._dispatch.skip_nonfinite}, steps={self._step})(\n{inner}\n)"
@@ -720,14 +880,87 @@ class EMAOptimizerWrapper(Optimizer):
 
 @dataclass
 class _Entry:
-    """One tracked memory region: the tensor the user gave (``owner``) and its shadow."""
+    """One tracked memory region: the tensor the user gave (``owner``) and its shadows (one per profile)."""
 
     owner: Tensor
-    shadow: Tensor
+    shadows: list[Tensor]
     name: str
     key: tuple
     span: tuple | None
     slot: int = -1  # its place in the dispatcher's group
+
+
+@dataclass
+class _SnapshotConfig:
+    every: int | None
+    dir: str | os.PathLike | None
+    dtype: torch.dtype | None
+    model: torch.nn.Module | None
+
+
+def _profiles(
+    decay: Any,
+    sigma_rel: Any,
+    warmup: str | None,
+    warmup_gamma: float,
+    warmup_power: float,
+    min_decay: float,
+    update_after_step: int,
+    update_every: int,
+) -> ProfileSet:
+    """The profiles asked for: one or more decays with their warmup, or power-function widths."""
+    from triton_ema.kernels import MAX_PROFILES
+
+    def as_tuple(value: Any, name: str) -> tuple:
+        values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        if not values:
+            raise ValueError(f"{name} must not be empty")
+        if len(values) > MAX_PROFILES:
+            raise ValueError(f"at most {MAX_PROFILES} EMA profiles, got {len(values)} {name} values")
+        return values
+
+    if sigma_rel is not None:
+        if decay is not _UNSET or warmup is not None:
+            raise ValueError(
+                "sigma_rel selects power-function profiles, which have no decay or warmup: pass either "
+                "sigma_rel=... or decay=.../warmup=..., not both"
+            )
+        members = tuple(PowerProfile(s, update_after_step, update_every) for s in as_tuple(sigma_rel, "sigma_rel"))
+    else:
+        decays = as_tuple(0.9999 if decay is _UNSET else decay, "decay")
+        members = tuple(
+            Schedule(d, warmup, warmup_gamma, warmup_power, min_decay, update_after_step, update_every) for d in decays
+        )
+    return ProfileSet(members)
+
+
+def _shadow_key(k: int) -> str:
+    return "ema_shadow" if k == 0 else f"ema_shadow_{k}"
+
+
+def _buffers_key(k: int) -> str:
+    return "ema_buffers" if k == 0 else f"ema_buffers_{k}"
+
+
+def _is_shadow_key(name: Any) -> bool:
+    return isinstance(name, str) and (name == "ema_shadow" or name.startswith("ema_shadow_"))
+
+
+def _shard_info(t: Tensor) -> dict[str, Any] | None:
+    """Where a DTensor's local shard sits in the full tensor (one sharded dimension), for snapshots."""
+    if not _is_dtensor(t):
+        return None
+    try:
+        from torch.distributed.tensor import Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        dims = [p.dim for p in t.placements if isinstance(p, Shard)]
+        if len(set(dims)) != 1:
+            return None
+        _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        return {"dim": dims[0], "offset": int(offset[dims[0]]), "global_shape": list(t.shape)}
+    except Exception:  # noqa: BLE001 - placement details vary across torch versions; snapshots work without
+        return None
 
 
 def _region_key(t: Tensor) -> tuple:

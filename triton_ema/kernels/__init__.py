@@ -14,6 +14,9 @@ else:
     HAS_TRITON = True
 
 
+#: The most EMA profiles the fused K-profile kernel updates in one launch (one address argument each).
+MAX_PROFILES = 8
+
 #: Parameter and shadow dtypes the kernels take; anything else goes through the torch path.
 KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 

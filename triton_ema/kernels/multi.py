@@ -19,12 +19,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from triton_ema.kernels import MAX_PROFILES  # noqa: E402  (the kernel takes one address argument per profile)
 from triton_ema.kernels.ema_update import _TL_DTYPES, _round
 from triton_ema.kernels.launch import TableKernel
 from triton_ema.kernels.table import ENTRY, TensorTable, build_table, entry_range, tensor_ptr
-
-#: The most profiles one launch updates: the kernel takes one address vector argument per profile.
-MAX_PROFILES = 8
 
 
 @triton.jit
