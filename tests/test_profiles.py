@@ -279,3 +279,20 @@ def test_power_weight_on_the_device_keeps_precision():
         for h, d in zip(host, device):
             assert math.isclose(h, d, rel_tol=1e-6), (t, h, d)
     assert profiles.device_weights(torch.tensor([8])).eq(0).all()
+
+
+def test_copies_and_pickles_keep_every_profile(seed, tmp_path):
+    import pickle
+
+    p = nn.Parameter(torch.randn(5))
+    opt = EMAOptimizerWrapper(
+        torch.optim.SGD([p], lr=0.1), sigma_rel=(0.05, 0.1), snapshot_every=2, snapshot_dir=tmp_path
+    )
+    for _ in range(3):
+        walk([p])
+        opt.update_ema()
+    for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert other.profiles == opt.profiles and other.num_steps == 3
+        for k in (0, 1):
+            assert torch.equal(other.ema_params(profile=k)[0], opt.ema_params(profile=k)[0])
+    assert "sigma_rel=(0.05, 0.1)" in repr(opt)

@@ -40,8 +40,9 @@ class Mixed(nn.Module):
 
 def mixed_opt(backend: str, **kwargs) -> tuple[Mixed, EMAOptimizerWrapper]:
     model = Mixed()
+    kwargs.setdefault("decay", 0.5)
     opt = EMAOptimizerWrapper(
-        torch.optim.SGD(model.parameters(), lr=0.1), decay=0.5, backend=backend, buffers=model.buffers(), **kwargs
+        torch.optim.SGD(model.parameters(), lr=0.1), backend=backend, buffers=model.buffers(), **kwargs
     )
     return model, opt
 
@@ -59,7 +60,9 @@ def perturb(model: Mixed, opt: EMAOptimizerWrapper, steps: int = 2) -> None:
 
 
 def snapshot(model: nn.Module, opt: EMAOptimizerWrapper) -> list[torch.Tensor]:
-    tensors = list(model.parameters()) + list(model.buffers()) + opt.ema_params() + opt.ema_buffers()
+    tensors = list(model.parameters()) + list(model.buffers())
+    for k in range(len(opt.profiles)):
+        tensors += opt.ema_params(profile=k) + opt.ema_buffers(profile=k)
     return [t.detach().clone() for t in tensors]
 
 
@@ -148,12 +151,14 @@ class SharedFault:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("after", [False, True, "half"], ids=["before-op", "after-op", "half-op"])
-def test_fault_anywhere_in_swap_in_changes_nothing(seed, monkeypatch, backend, after):
+@pytest.mark.parametrize("profile", [None, 1], ids=["one-profile", "profile1-of-2"])
+def test_fault_anywhere_in_swap_in_changes_nothing(seed, monkeypatch, backend, after, profile):
     if after is True and backend == "triton":
         pytest.skip("a kernel launch cannot fail after running; late signals are deferred (tested below)")
-    model, opt = mixed_opt(backend)
+    model, opt = mixed_opt(backend, **({} if profile is None else {"decay": (0.5, 0.9)}))
     perturb(model, opt)
-    ctx = opt.ema_weights()  # held: a dropped generator context would swap out when collected
+    profile = profile or 0
+    ctx = opt.ema_weights(profile)  # held: a dropped generator context would swap out when collected
     n = count_ops(monkeypatch, backend, ctx.__enter__)
     ctx.__exit__(None, None, None)
     assert n >= 6
@@ -163,11 +168,11 @@ def test_fault_anywhere_in_swap_in_changes_nothing(seed, monkeypatch, backend, a
         with monkeypatch.context() as m:
             patch_ops(m, backend, fault.wrap)
             with pytest.raises(KeyboardInterrupt):
-                with opt.ema_weights():
+                with opt.ema_weights(profile):
                     pytest.fail("the body must not run when swapping in failed")
         assert bits_equal(snapshot(model, opt), before), f"swap in interrupted at op {k} of {n} changed something"
-        with opt.ema_weights():  # usable again, and right
-            assert bits_equal([p.detach() for p in model.parameters()][:1], [opt.ema_params()[0]])
+        with opt.ema_weights(profile):  # usable again, and right
+            assert bits_equal([p.detach() for p in model.parameters()][:1], [opt.ema_params(profile)[0]])
         assert bits_equal(snapshot(model, opt), before)
 
 
