@@ -68,7 +68,8 @@ class EMAOptimizerWrapper(Optimizer):
 
     Args:
         optimizer: the optimizer to wrap.
-        decay: the largest decay, in ``[0, 1]``.
+        decay: the largest decay, in ``[0, 1]`` (default 0.9999); a tuple of decays tracks
+            one EMA profile per decay, all updated in one pass.
         warmup: ``None``, ``"litema"`` or ``"power"``.
         warmup_gamma, warmup_power: the ``"power"`` schedule's constants.
         min_decay: the smallest decay, in ``[0, decay]``.
@@ -86,6 +87,22 @@ class EMAOptimizerWrapper(Optimizer):
             memory, updated by a worker thread after an asynchronous copy, so the
             training stream never waits for the EMA (not for CUDA graphs).
             Default: the parameter's device.
+        skip_nonfinite: leave every shadow of a device bit-exactly alone for an
+            update whose parameters hold NaN or inf, and count it in
+            :attr:`skipped_updates` (decided on the device). Default: off, a
+            non-finite parameter propagates into its shadow, as in other EMA
+            libraries.
+        sigma_rel: instead of ``decay``/``warmup``: one or more EDM2
+            power-function profiles of these relative widths (``0 < sigma_rel <
+            12 ** -0.5``), the time being the step count.
+        snapshot_every, snapshot_dir, snapshot_dtype: with ``sigma_rel``, every
+            ``snapshot_every`` updates write each profile to ``snapshot_dir`` as
+            safetensors (asynchronously; :meth:`flush` waits), for
+            :func:`triton_ema.posthoc.reconstruct` to build the EMA of any width
+            after training. ``snapshot_dtype`` defaults to the shadows' dtype.
+        model: names snapshot tensors after ``model.named_parameters()`` and
+            ``named_buffers()`` when the inner optimizer was not built from
+            ``named_parameters()`` (whose names are used otherwise).
 
     .. note::
         A bf16 or fp16 parameter gets an fp32 shadow by default: with
