@@ -28,10 +28,13 @@ from triton_ema.schedules import ProfileSet
 
 BACKENDS = ("auto", "triton", "torch")
 
-#: What must not change under the wrapper, read for a whole list without a Python loop. A device
-#: change moves the storage (a new address), which sends the check down the full path.
+#: What must not change under the wrapper, read for a whole list without a Python loop.
 _META = attrgetter("dtype", "shape", "device")
-_FAST_META = attrgetter("dtype", "shape")
+#: The per-update check reads address, dtype, element count and strides (building a ``torch.Size`` per
+#: tensor would cost about four times more). Any change of storage, device, dtype, length or layout shows
+#: there and sends the check down the full path, which compares shapes and devices too; a new shape with
+#: the same address, dtype, element count and strides can only be made with ``as_strided`` on purpose.
+_FAST_DTYPE = attrgetter("dtype")
 
 
 def _kernels():
@@ -294,7 +297,8 @@ class Dispatcher:
         self._offloaded: list[OffloadedGroup] = []
         self._all_sources: list[Tensor] = []
         self._all_ptrs: list[int] | None = None
-        self._all_meta: list[tuple] = []
+        self._all_dtypes: list[torch.dtype] = []
+        self._all_numels: list[int] = []
         self._all_strides: list[tuple] = []
 
     # ------------------------------------------------------------------ tracking
@@ -371,11 +375,12 @@ class Dispatcher:
             g.join()
 
     def refresh(self) -> None:
-        """Check every tracked tensor (see :meth:`Group.refresh`): three C-level passes over one list."""
+        """Check every tracked tensor (see :meth:`Group.refresh`): four C-level passes over one list."""
         sources = self._all_sources
         if (
             list(map(Tensor.data_ptr, sources)) == self._all_ptrs
-            and list(map(_FAST_META, sources)) == self._all_meta
+            and list(map(_FAST_DTYPE, sources)) == self._all_dtypes
+            and list(map(Tensor.numel, sources)) == self._all_numels
             and list(map(Tensor.stride, sources)) == self._all_strides
         ):
             return
@@ -383,7 +388,8 @@ class Dispatcher:
             g.refresh()
         self._all_sources = [t for g in self.groups.values() for t in g.sources]
         self._all_ptrs = list(map(Tensor.data_ptr, self._all_sources))
-        self._all_meta = list(map(_FAST_META, self._all_sources))
+        self._all_dtypes = list(map(_FAST_DTYPE, self._all_sources))
+        self._all_numels = list(map(Tensor.numel, self._all_sources))
         self._all_strides = list(map(Tensor.stride, self._all_sources))
 
     def update(self, step: int, profiles: ProfileSet) -> None:
