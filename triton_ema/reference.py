@@ -148,9 +148,11 @@ class Exchanger:
 
     def __init__(self, a: list[Tensor], b: list[Tensor], max_bytes: int | None = None) -> None:
         if max_bytes is None:
-            # 1 MiB a chunk: the three copies of a chunk stay in the cache on a CPU; on a GPU
+            # 256 KiB a chunk on a CPU: the chunk of each side and the scratch (768 KiB) stay in the
+            # L2 cache between the three copies. On ResNet-50 fp32, one thread, interleaved with a
+            # preallocated-backup swap: 0.97-1.03x its time at 256 KiB, 1.16-1.30x at 1 MiB. On a GPU
             # larger chunks mean fewer launches.
-            max_bytes = 1 << 20 if (a and a[0].device.type == "cpu") else 1 << 26
+            max_bytes = 1 << 18 if (a and a[0].device.type == "cpu") else 1 << 26
         pieces: list[tuple[Tensor, Tensor]] = []
         odd: list[tuple[Tensor, Tensor]] = []
         for x, y in zip(a, b):
