@@ -260,6 +260,57 @@ def test_tuning_runs_on_scratch_once_per_key_and_live_launches_once(monkeypatch)
     assert live[2]["BLOCK"] == 4096 and live[2]["num_warps"] == 8
 
 
+def test_cached_launch_binds_once_per_table_and_key_then_replays(monkeypatch):
+    """On a GPU the per-step launch replays arguments bound on the first call (no argument building);
+    a new table, step tensor or schedule binds afresh, and tuning still runs once per tuning key."""
+    import triton
+
+    from triton_ema.kernels import launch
+
+    calls, made = [], []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+            self.best_config = triton.Config({"BLOCK": 1024, "ENTRIES_PER_PROGRAM": 2}, num_warps=4)
+
+        def __getitem__(self, grid):
+            return lambda **kw: calls.append((self.name, grid({**kw, **self.best_config.all_kwargs()}), kw["which"]))
+
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(triton, "autotune", lambda **_: lambda kernel: Recorder("autotuner"))
+    table_kernel = launch.TableKernel(Recorder("kernel"), key=["SIZE_BUCKET"])
+
+    class Table:
+        pass
+
+    def make(which, n=10):
+        def build():
+            made.append(which)
+            scratch = lambda: (3, {"n_entries": 3, "SIZE_BUCKET": 4096, "which": "scratch"})  # noqa: E731
+            return scratch, {"n_entries": n, "SIZE_BUCKET": 4096, "which": which}
+
+        return build
+
+    t1, t2, step = Table(), Table(), torch.zeros(1)
+    for _ in range(3):
+        table_kernel.cached(t1, (step, "schedule-a"), make("t1-a"))
+    table_kernel.cached(t1, (step, "schedule-b"), make("t1-b"))
+    table_kernel.cached(t2, (step, "schedule-a"), make("t2-a", n=4))
+    table_kernel.cached(t2, (torch.zeros(1), "schedule-a"), make("t2-other-step", n=4))
+    assert made == ["t1-a", "t1-b", "t2-a", "t2-other-step"], "arguments are built once per table and key"
+    assert [(name, which) for name, _, which in calls] == [
+        ("autotuner", "scratch"),
+        ("kernel", "t1-a"),
+        ("kernel", "t1-a"),
+        ("kernel", "t1-a"),
+        ("kernel", "t1-b"),
+        ("kernel", "t2-a"),
+        ("kernel", "t2-other-step"),
+    ]
+    assert calls[1][1] == (5,) and calls[5][1] == (2,), "grids: 10 and 4 entries at 2 per program"
+
+
 NAN, INF = float("nan"), float("inf")
 # The interpreter's numpy warns on every NaN or inf it computes with: here that is the data.
 NAN_DATA = pytest.mark.filterwarnings(

@@ -272,6 +272,7 @@ class DeviceState:
     counter: Tensor | None = None
     flag: Tensor | None = None
     skipped: Tensor | None = None
+    weights: Tensor | None = None  # the K profiles' weights of the current update (fused K-profile kernel)
 
 
 class Dispatcher:
@@ -434,7 +435,11 @@ class Dispatcher:
 
                     w = device_weights.get(g.device)
                     if w is None:
-                        w = device_weights[g.device] = profiles.device_weights(counter)
+                        # One persistent buffer per device: the kernel's bound launch keeps pointing at it.
+                        state = self.devices[g.device]
+                        if state.weights is None or len(state.weights) != len(profiles):
+                            state.weights = torch.empty(len(profiles), dtype=torch.float32, device=g.device)
+                        w = device_weights[g.device] = state.weights.copy_(profiles.device_weights(counter))
                     for table in g.multi_tables():
                         ema_update_multi(table, w, g.param_dtype, g.shadow_dtype, g.n_profiles, skip=flag)
             elif weights is not None:

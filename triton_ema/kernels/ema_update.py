@@ -232,6 +232,21 @@ def ema_update(
     :func:`nonfinite_`), the kernel writes nothing when ``skip[0] != 0``:
     the shadows keep their exact bits, and the host never reads the flag.
     """
+    _update.cached(
+        table,
+        (step, skip, schedule, param_dtype, shadow_dtype),
+        lambda: _update_launch(table, step, schedule, param_dtype, shadow_dtype, skip),
+    )
+
+
+def _update_launch(
+    table: TensorTable,
+    step: Tensor,
+    schedule: Schedule,
+    param_dtype: torch.dtype,
+    shadow_dtype: torch.dtype,
+    skip: Tensor | None,
+) -> tuple:
     kwargs = {
         **_table_args(table, param_dtype, shadow_dtype),
         "step_ptr": step,
@@ -255,7 +270,7 @@ def ema_update(
             scratch_kwargs["skip_ptr"] = torch.zeros_like(skip)
         return scratch_table.n_entries, scratch_kwargs
 
-    _update(scratch, **kwargs)
+    return scratch, kwargs
 
 
 def nonfinite_(table: TensorTable, flag: Tensor) -> None:
@@ -288,4 +303,4 @@ def nonfinite_(table: TensorTable, flag: Tensor) -> None:
         scratch_table = build_table([torch.zeros(table.bucket, dtype=dtype, device=flag.device)])
         return scratch_table.n_entries, args(scratch_table, torch.zeros_like(flag))
 
-    _nonfinite(scratch, **args(table, flag))
+    _nonfinite.cached(table, (flag,), lambda: (scratch, args(table, flag)))

@@ -11,6 +11,7 @@ that key, so the live launch that follows runs exactly once with it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -70,3 +71,41 @@ class TableKernel:
         # Launch the chosen config directly: the autotuner's per-call key building is
         # host overhead on every step, and it has nothing left to decide.
         self.kernel[_grid(n_entries)](**kwargs, **config.all_kwargs())
+
+    def cached(
+        self,
+        owner: Any,
+        key: tuple[Any, ...],
+        make: Callable[[], tuple[Callable[[], tuple[int, dict[str, Any]]], dict[str, Any]]],
+    ) -> None:
+        """Launch with arguments built once per ``owner`` (a table) and ``key``, then replayed.
+
+        ``make()`` returns ``(scratch, kwargs)`` as :meth:`__call__` takes them. On
+        a GPU the first call tunes (if needed) and binds the kernel, its grid and
+        every argument into one callable kept on ``owner``; later calls only call
+        it, so a step pays no argument building, key lookup or grid creation.
+        Tensors in ``key`` hash and compare by identity (the dict's identity check
+        comes before ``==``) and are kept alive by the stored key, so an address
+        is never reused under it. Under the interpreter or a forced config nothing
+        is kept (tests change them between launches).
+        """
+        store = owner.__dict__.setdefault("_launches", {})
+        ident = (self, *key)
+        launch = store.get(ident)
+        if launch is not None:
+            launch()
+            return
+        scratch, kwargs = make()
+        n_entries = kwargs["n_entries"]
+        if n_entries == 0 or FORCED_CONFIG is not None or interpreting():
+            self(scratch, **kwargs)
+            return
+        tuned_key = tuple(kwargs[k] for k in self.key)
+        config = self.chosen.get(tuned_key)
+        if config is None:
+            scratch_entries, scratch_kwargs = scratch()
+            self.tuned[_grid(scratch_entries)](**scratch_kwargs)
+            config = self.chosen[tuned_key] = self.tuned.best_config
+        launch = functools.partial(self.kernel[_grid(n_entries)], **kwargs, **config.all_kwargs())
+        store[ident] = launch
+        launch()

@@ -244,6 +244,21 @@ def ema_update_multi(
         raise ValueError(
             f"weights must be a float32 tensor of shape [{n_profiles}], got {weights.dtype} {list(weights.shape)}"
         )
+    _update_multi.cached(
+        table,
+        (weights, skip, param_dtype, shadow_dtype, n_profiles),
+        lambda: _multi_launch(table, weights, param_dtype, shadow_dtype, n_profiles, skip),
+    )
+
+
+def _multi_launch(
+    table: TensorTable,
+    weights: Tensor,
+    param_dtype: torch.dtype,
+    shadow_dtype: torch.dtype,
+    n_profiles: int,
+    skip: Tensor | None,
+) -> tuple:
     kwargs = {
         **_table_args(table, param_dtype, shadow_dtype, n_profiles),
         "weights_ptr": weights,
@@ -271,4 +286,4 @@ def ema_update_multi(
             scratch_kwargs["skip_ptr"] = torch.zeros_like(skip)
         return scratch_table.n_entries, scratch_kwargs
 
-    _update_multi(scratch, **kwargs)
+    return scratch, kwargs
