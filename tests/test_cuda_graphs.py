@@ -32,6 +32,8 @@ CONFIGS = [
         id="triton-power-after4-every2",
     ),
     pytest.param("torch", {"decay": 0.9}, id="torch-constant"),
+    pytest.param("auto", {"decay": (0.9, 0.99), "warmup": "litema"}, id="triton-two-decays"),
+    pytest.param("auto", {"sigma_rel": (0.05, 0.10), "update_every": 2}, id="triton-two-sigma-rel-every2"),
 ]
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 
@@ -95,9 +97,10 @@ def test_captured_step_matches_eager(backend, config, dtype):
 
     torch.cuda.synchronize()
     torch.testing.assert_close(list(graphed.parameters()), list(eager.parameters()))
-    torch.testing.assert_close(g_opt.ema_params(), e_opt.ema_params())
+    for k in range(len(g_opt.profiles)):
+        torch.testing.assert_close(g_opt.ema_params(profile=k), e_opt.ema_params(profile=k))
     assert all(s.dtype == torch.float32 for s in g_opt.ema_params())
-    assert g_opt.state_dict()["ema"]["step"] == WARMUP_STEPS + REPLAYS
+    assert g_opt.state_dict()["param_groups"][0]["ema"]["step"] == WARMUP_STEPS + REPLAYS
 
     probe = data[0][0]
     with torch.no_grad(), g_opt.ema_weights(), e_opt.ema_weights():
