@@ -443,6 +443,7 @@ def test_state_dict_inside_ema_weights_holds_the_ema(seed):
         model(torch.randn(8, 4)).sum().backward()
         opt.step()
     model(torch.randn(8, 4))  # moves the trained BatchNorm statistics past their EMA copies
+
     def ema_of(sd: dict) -> list[torch.Tensor]:
         return [e["ema_shadow"].clone() for e in sd["state"].values()] + [b.clone() for b in sd["ema_buffers"]]
 
@@ -454,3 +455,25 @@ def test_state_dict_inside_ema_weights_holds_the_ema(seed):
     assert len(inside) == 4 + 3 and all(torch.equal(a, b) for a, b in zip(inside, outside))
     assert all(torch.equal(a, b) for a, b in zip(ema_buffers_inside, opt.ema_buffers()))
     assert int(model[1].num_batches_tracked) == 4 and int(inside_sd["ema_buffers"][2]) == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_ema_dtype_none_keeps_the_parameter_dtype(seed, backend, param_dtype):
+    """``ema_dtype=None``: shadows in the parameter's own dtype (and a bf16 EMA, rounded each step)."""
+    params = [nn.Parameter(torch.randn(n, dtype=param_dtype)) for n in (3, 1025)]
+    opt = EMAOptimizerWrapper(torch.optim.SGD(params, lr=0.1), decay=0.5, ema_dtype=None, backend=backend)
+    wide = EMAOptimizerWrapper(torch.optim.SGD(params, lr=0.1), decay=0.5, backend=backend)
+    expected = [p.detach().clone() for p in params]
+    for _ in range(3):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+        opt.update_ema()
+        wide.update_ema()
+        expected = [e.float().lerp(p.detach().float(), 0.5).to(param_dtype) for e, p in zip(expected, params)]
+    assert all(s.dtype == param_dtype for s in opt.ema_params())
+    assert all(s.dtype == torch.float32 for s in wide.ema_params())
+    for s, e in zip(opt.ema_params(), expected):
+        assert torch.equal(s, e), "each step rounds the average to the parameter's dtype"
+    assert opt.state_dict()["state"][0]["ema_shadow"].dtype == param_dtype
