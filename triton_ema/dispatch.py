@@ -533,6 +533,15 @@ class Dispatcher:
         else:
             g.exchanger().run(journal)
 
+    def _exchange_whole(self, g: Group) -> None:
+        """Exchange a group in place; if that fails part-way, undo what was done and re-raise."""
+        journal = [0, 0]
+        try:
+            self._exchange(g, journal)
+        except BaseException:
+            self._unexchange(g, journal)
+            raise
+
     @staticmethod
     def _unexchange(g: Group, journal: list[int]) -> None:
         if g.use_triton:
@@ -591,12 +600,7 @@ class Dispatcher:
             try:
                 for g in self.groups.values():
                     if g.exchanges:
-                        journal = [0, 0]
-                        try:
-                            self._exchange(g, journal)
-                        except BaseException:
-                            self._unexchange(g, journal)
-                            raise
+                        self._exchange_whole(g)
                         done.append((g, None))
                     else:
                         done.append((g, self._load(g)))
@@ -627,12 +631,7 @@ class Dispatcher:
             try:
                 for g, backup in reversed(state):
                     if backup is None:
-                        journal = [0, 0]
-                        try:
-                            self._exchange(g, journal)
-                        except BaseException:
-                            self._unexchange(g, journal)
-                            raise
+                        self._exchange_whole(g)
                     else:
                         # Idempotent: a failure half-way leaves the EMA partly loaded, and the loop
                         # below loads it again from the shadows.
