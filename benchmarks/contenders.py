@@ -1,10 +1,11 @@
 """The EMA implementations under test, as plain objects shared by the benchmarks and the smoke test.
 
 Each contender is built from a parameter list and a decay, owns fp32 shadows that start as a copy of the
-parameters, and exposes the timed operation as a method named after its kind: ``update()`` (one EMA
-update), ``step()`` (optimizer step, plus the EMA update for the wrapper) or ``swap(inside)`` (evaluate
-with EMA weights: ``inside`` runs while the parameters hold them). ``tests/test_benchmarks_smoke.py``
-checks every one of them against a float64 reference, so what is timed is what is tested.
+parameters, and exposes the timed operation as a method: ``update()`` (one EMA update; kind ``update``, or
+``profiles`` for K EMA profiles at once), ``step()`` (optimizer step, plus the EMA update for the wrapper) or
+``swap(inside)`` (evaluate with EMA weights: ``inside`` runs while the parameters hold them).
+``tests/test_benchmarks_smoke.py`` checks every one of them against a float64 reference, so what is timed is
+what is tested.
 """
 
 from __future__ import annotations
@@ -245,6 +246,65 @@ class OffloadWrapper(Wrapper):
         self.opt = EMAOptimizerWrapper(torch.optim.SGD(params, lr=LR), decay=decay, ema_device="cpu")
 
 
+def profile_decays(decay: float, k: int) -> tuple[float, ...]:
+    """``k`` decays, shortest horizon first, each horizon a tenth of the next, the last ``decay`` itself.
+
+    With the benchmarks' 0.9999: ``(0.999, 0.9999)`` for K=2 and ``(0.9, 0.99, 0.999, 0.9999)`` for K=4, the
+    pairs users track. The values do not change the cost of an update, only what the smoke test checks.
+    """
+    # Rounded so that 0.9999 gives 0.999, not 0.9990000000000001 (1 - 0.9999 is not 1e-4 in binary).
+    decays = tuple(round(1.0 - (1.0 - decay) * 10.0 ** (k - 1 - j), 12) for j in range(k))
+    if decays[0] < 0.0:
+        raise ValueError(f"decay {decay} is too short a horizon for {k} profiles a factor of 10 apart")
+    return decays
+
+
+# The power-function profiles of issue 8's example (EDM2's pair).
+SIGMA_RELS = (0.05, 0.10)
+
+
+def _profile_configs(decay: float, k: int, sigma_rel: bool) -> list[dict[str, float]]:
+    if sigma_rel:
+        return [{"sigma_rel": s} for s in SIGMA_RELS[:k]]
+    return [{"decay": d} for d in profile_decays(decay, k)]
+
+
+class ProfilesWrapper:
+    """The wrapper tracking K EMA profiles in one pass (``decay=(d1, ..., dK)`` or ``sigma_rel=(s1, s2)``).
+
+    One update reads each parameter once for all K shadows: ``P + 2K·S`` bytes per element.
+    """
+
+    def __init__(self, params: Params, decay: float, k: int = 2, sigma_rel: bool = False) -> None:
+        self.configs = _profile_configs(decay, k, sigma_rel)
+        key = "sigma_rel" if sigma_rel else "decay"
+        self.opt = EMAOptimizerWrapper(torch.optim.SGD(params, lr=LR), **{key: tuple(c[key] for c in self.configs)})
+
+    @property
+    def profile_shadows(self) -> list[Params]:
+        return [self.opt.ema_params(profile=k) for k in range(len(self.configs))]
+
+    def update(self) -> None:
+        self.opt.update_ema()
+
+
+class SeparateWrappers:
+    """K single-profile wrappers over the same parameters, one ``update_ema()`` each: what a user without
+    multi-profile support writes. K passes: ``K·(P + 2S)`` bytes per element, K times the host overhead."""
+
+    def __init__(self, params: Params, decay: float, k: int = 2, sigma_rel: bool = False) -> None:
+        self.configs = _profile_configs(decay, k, sigma_rel)
+        self.opts = [EMAOptimizerWrapper(torch.optim.SGD(params, lr=LR), **c) for c in self.configs]
+
+    @property
+    def profile_shadows(self) -> list[Params]:
+        return [opt.ema_params() for opt in self.opts]
+
+    def update(self) -> None:
+        for opt in self.opts:
+            opt.update_ema()
+
+
 class BareSGD:
     """The wrapper's inner optimizer alone, on the same (pre-filled) gradients."""
 
@@ -258,6 +318,11 @@ class BareSGD:
 def _update_traffic(param_size: int) -> int:
     # Read the parameter and the shadow, write the shadow.
     return param_size + 2 * SHADOW_DTYPE.itemsize
+
+
+def _profiles_traffic(param_size: int, k: int) -> int:
+    # Read the parameter once, read and write each of the K shadows: 4 + 8K B/param fp32, 2 + 8K bf16.
+    return param_size + 2 * k * SHADOW_DTYPE.itemsize
 
 
 def _sgd_traffic(param_size: int) -> int:
@@ -283,13 +348,17 @@ class Contender:
     """
 
     name: str
-    kind: str  # "update" | "step" | "swap": the method timed, and the benchmark group
+    kind: str  # "update" | "profiles" | "step" | "swap": the benchmark group
     factory: Callable[[Params, float], Any]
     traffic: Callable[[int], int]
     cuda_only: bool = False
     warmup: str | None = None  # decay warmup, in EMAOptimizerWrapper's vocabulary
     # Why the contender cannot run in this build, if it cannot (a core option it needs is missing).
     missing: str | None = None
+    # The method timed; the kind's name by default ("profiles" contenders time update()).
+    method: str | None = None
+    # EMA profiles the contender updates per call (the "profiles" kind).
+    profiles: int = 1
 
     def unavailable(self, device: torch.device | str) -> str | None:
         """The reason this contender is skipped on ``device``, or ``None`` if it runs."""
@@ -300,7 +369,7 @@ class Contender:
     def build(self, params: Params, decay: float) -> tuple[Any, Callable[..., None]]:
         """The implementation object and its timed method."""
         impl = self.factory(params, decay)
-        return impl, getattr(impl, self.kind)
+        return impl, getattr(impl, self.method or self.kind)
 
     def bytes_moved(self, numel: int, param_size: int) -> int:
         return numel * self.traffic(param_size)
@@ -328,6 +397,18 @@ CONTENDERS = [
         _update_traffic,
         missing=None if HAS_SKIP_NONFINITE else "EMAOptimizerWrapper has no skip_nonfinite option in this build",
     ),
+    *(
+        Contender(
+            f"{prefix}_update_{tag}{k}",
+            "profiles",
+            functools.partial(factory, k=k, sigma_rel=tag == "sr"),
+            functools.partial(_profiles_traffic, k=k),
+            method="update",
+            profiles=k,
+        )
+        for tag, k in (("k", 2), ("k", 4), ("sr", 2))
+        for prefix, factory in (("wrapper", ProfilesWrapper), ("separate", SeparateWrappers))
+    ),
     Contender("sgd_step", "step", BareSGD, _sgd_traffic),
     Contender("wrapper_step", "step", Wrapper, _step_traffic),
     Contender("wrapper_step_offload", "step", OffloadWrapper, _step_traffic, cuda_only=True),
@@ -336,4 +417,5 @@ CONTENDERS = [
     Contender("wrapper_swap", "swap", Wrapper, _swap_traffic),
 ]
 # The contender every other one of its kind is compared with in the report.
-BASELINES = {"update": "foreach_lerp", "step": "sgd_step", "swap": "litema_swap"}
+# "profiles" contenders are compared with the single-profile update (K=1), from the "update" kind.
+BASELINES = {"update": "foreach_lerp", "profiles": "wrapper_update", "step": "sgd_step", "swap": "litema_swap"}

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from posthoc64 import gamma64
 from reference64 import Ema64, tol
 
-from benchmarks import harness, paired, shapes
+from benchmarks import harness, paired, shapes, snapshot_step
 from benchmarks.contenders import (
     CONTENDERS,
     HAS_SKIP_NONFINITE,
@@ -22,6 +23,7 @@ from benchmarks.contenders import (
     GuardedWrapper,
     foreach_update_tensor_weight,
     fp32_shadows,
+    profile_decays,
 )
 from benchmarks.workloads import make_workload
 
@@ -138,6 +140,82 @@ def test_swap_shows_ema_and_restores_exactly(seed, contender: Contender, dtype):
     torch.testing.assert_close(impl.shadows, shadows, **exact)
 
 
+class Power64:
+    """A float64 power-function EMA (EDM2): ``β_t = (1 - 1/t)^(γ+1)``, the time the update count."""
+
+    def __init__(self, params: list[torch.Tensor], sigma_rel: float) -> None:
+        self.shadows = [p.detach().double().clone() for p in params]
+        self.gamma = gamma64(sigma_rel)
+        self.t = 0
+
+    def step(self, params: list[torch.Tensor]) -> None:
+        self.t += 1
+        beta = (1.0 - 1.0 / self.t) ** (self.gamma + 1.0)
+        for s, p in zip(self.shadows, params, strict=True):
+            s.mul_(beta).add_(p.detach().double(), alpha=1.0 - beta)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("contender", of_kind("profiles"))
+def test_profiles_match_float64_for_every_profile(seed, contender: Contender, dtype):
+    w = make_workload("tiny", dtype, DEVICE, seed)
+    # The benchmarks' decay: 4 profiles a factor of 10 apart need a horizon of 10,000 steps.
+    impl, update = contender.build(w.params, 0.9999)
+    refs = [
+        Power64(w.params, c["sigma_rel"]) if "sigma_rel" in c else Ema64(w.params, decay=c["decay"])
+        for c in impl.configs
+    ]
+    assert len(refs) == contender.profiles
+    for _ in range(5):
+        perturb_(w.params)
+        update()
+        for ref in refs:
+            ref.step(w.params)
+    shadows = impl.profile_shadows
+    assert len(shadows) == contender.profiles
+    for k, ref in enumerate(refs):
+        assert_shadows_close(shadows[k], ref)
+
+
+def test_profile_contenders_configuration():
+    assert profile_decays(0.9999, 2) == (0.999, 0.9999)
+    assert profile_decays(0.9999, 4) == (0.9, 0.99, 0.999, 0.9999)
+    with pytest.raises(ValueError, match="too short"):
+        profile_decays(0.9, 4)
+    by_name = {c.name: c for c in CONTENDERS if c.kind == "profiles"}
+    assert set(by_name) == {f"{who}_update_{k}" for who in ("wrapper", "separate") for k in ("k2", "k4", "sr2")}
+    # 4 + 8K bytes per fp32 parameter, 2 + 8K per bf16 parameter (fp32 shadows), whoever does the work.
+    for c in by_name.values():
+        assert c.bytes_moved(10, 4) == 10 * (4 + 8 * c.profiles)
+        assert c.bytes_moved(10, 2) == 10 * (2 + 8 * c.profiles)
+    assert (by_name["wrapper_update_k2"].profiles, by_name["separate_update_k4"].profiles) == (2, 4)
+
+
+def test_profile_ratios_are_gpu_goals_judged_only_on_gpu():
+    medians = {"wrapper_update": 1.0, "wrapper_update_k2": 1.8, "separate_update_k2": 2.0}
+    cpu = {r["ratio"]: r for r in paired.check_ratios(medians, "cpu", "resnet50", "fp32")}
+    k2 = cpu["wrapper_update_k2 / wrapper_update"]
+    assert (k2["measured"], k2["target"], k2["met"], k2["gpu_goal"]) == (1.8, None, None, "<= 1.75")
+    assert cpu["separate_update_k2 / wrapper_update_k2"]["gpu_goal"] == ">= 1.15"
+    gpu = {r["ratio"]: r for r in paired.check_ratios(medians, "cuda", "resnet50", "fp32")}
+    assert gpu["wrapper_update_k2 / wrapper_update"]["met"] is False  # 1.8 > 1.75
+    assert gpu["separate_update_k2 / wrapper_update_k2"]["met"] is False  # 2.0 / 1.8 = 1.11 < 1.15
+    # Host-bound toys are not held to a bandwidth goal.
+    small = {r["ratio"]: r for r in paired.check_ratios(medians, "cuda", "small3", "fp32")}
+    assert small["wrapper_update_k2 / wrapper_update"]["target"] is None
+
+
+def test_snapshot_step_measures_snapshots_flushes_and_cleans_up(tmp_path):
+    r = snapshot_step.measure("tiny", "fp32", every=3, snapshots=2, tmp_root=str(tmp_path))
+    # Every snapshot (one warm-up period, two timed) is on disk, for both profiles, before the directory goes.
+    assert r["files_written"] == r["files_expected"] == 3 * 2
+    assert (r["snapshots"], r["profiles"]) == (2, 2)
+    assert len(r["snapshot_steps_s"]) == 2
+    assert r["bytes_per_snapshot"] == 2 * 4 * shapes.numel(shapes.tiny())
+    assert r["snapshot_over_median"] == pytest.approx(r["median_snapshot_step_s"] / r["median_step_s"])
+    assert list(tmp_path.iterdir()) == []
+
+
 def _contender(name: str) -> Contender:
     return next(c for c in CONTENDERS if c.name == name)
 
@@ -204,11 +282,15 @@ def test_suite_and_report_run_end_to_end(tmp_path):
         if not c.unavailable(DEVICE):
             assert f"`{c.name}`" in table
     assert (tmp_path / "results.png").stat().st_size > 10_000
-    for section in ("## Targets", "## Side by side", "## Triton path: host cost"):
+    for section in ("## Targets", "## Side by side", "## Triton path: host cost", "## Snapshot steps"):
         assert section in table
+    assert "wrapper_update_k2 / wrapper_update" in table
     data = json.loads((tmp_path / "results.json").read_text())
     for result in data["paired"]["results"]:
         assert paired.STEP_OVERHEAD in result["median_s"]
+        assert result["gbps"]["wrapper_update_k2"] > 0
+    for result in data["snapshot_step"]["results"]:
+        assert result["files_written"] == result["files_expected"]
     # Every stubbed host-cost measurement reached a (stubbed) launch, and no real kernel ran.
     for result in data["launch_host"]["results"]:
         assert result["update"]["launches_per_call"] >= 1
