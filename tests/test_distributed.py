@@ -1,5 +1,6 @@
 """CPU processes (gloo): FSDP2 (``fully_shard``) and DDP models match a single-process run, and so does a run
-resumed from a torch.distributed.checkpoint saved on two FSDP2 ranks and loaded on one or three.
+resumed from a torch.distributed.checkpoint saved on two FSDP2 ranks and loaded on one or three; EMA snapshots
+written shard by shard on two FSDP2 ranks reconstruct (post hoc) exactly what one process's snapshots do.
 
 Each rank trains on its half of every batch; gradients are averaged, so the sharded or replicated EMA must
 equal the EMA of one process that sees whole batches. Inside each worker the checks that need the live
@@ -24,7 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from triton_ema import EMAOptimizerWrapper
+from triton_ema import EMAOptimizerWrapper, posthoc
+from triton_ema.snapshot import read_index
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -239,10 +241,10 @@ DCP_STEPS = (4, 3)  # steps before the checkpoint, steps after it
 DCP_BATCH = 6
 
 
-def dcp_data(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def dcp_data(seed: int, steps: int = sum(DCP_STEPS)) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed + 2)
     shapes = ((DCP_BATCH, 5), (DCP_BATCH, 1))
-    return [tuple(torch.randn(s, generator=g) for s in shapes) for _ in range(sum(DCP_STEPS))]
+    return [tuple(torch.randn(s, generator=g) for s in shapes) for _ in range(steps)]
 
 
 def dcp_distribute(model: nn.Module, world: int, mesh: DeviceMesh | None = None) -> nn.Module:
@@ -328,8 +330,11 @@ def dcp_resume(rank: int, world: int, seed: int, ckpt: str) -> dict:
 
 
 def _dcp_worker(rank: int, world: int, seed: int, init_file: str, tmp: str) -> None:
-    """Save on the first WORLD_SIZE ranks, then load on all ``world`` of them: one launch, as processes are slow
-    to start on a small machine. A failure of the load is written down for the test to report."""
+    """Save on the first WORLD_SIZE ranks, then load on all ``world`` of them; then the first WORLD_SIZE ranks
+    train with snapshots (:func:`snapshot_run`). One launch, as processes are slow to start on a small machine. A
+    failure of the load or of the snapshot run is written down for the tests to report."""
+    from torch.distributed.device_mesh import DeviceMesh
+
     tmp_dir = Path(tmp)
     timeout = timedelta(seconds=TIMEOUT_S // 2)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout)
@@ -342,11 +347,17 @@ def _dcp_worker(rank: int, world: int, seed: int, init_file: str, tmp: str) -> N
         dist.barrier()
         try:
             resumed = dcp_resume(rank, world, seed, str(tmp_dir / "ckpt"))
+            if rank == 0:
+                torch.save(resumed, tmp_dir / f"resumed-{world}.pt")
         except Exception:
             (tmp_dir / f"resume-error-{rank}.txt").write_text(traceback.format_exc())
-            return
-        if rank == 0:
-            torch.save(resumed, tmp_dir / f"resumed-{world}.pt")
+        if rank < WORLD_SIZE:
+            try:
+                mesh = DeviceMesh.from_group(save_group, "cpu")
+                got = snapshot_run(rank, WORLD_SIZE, seed, tmp_dir / "snapshots-fsdp2", mesh)
+                torch.save(got, tmp_dir / f"snapshot-{rank}.pt")
+            except Exception:
+                (tmp_dir / f"snapshot-error-{rank}.txt").write_text(traceback.format_exc())
     finally:
         dist.destroy_process_group()
 
@@ -370,28 +381,30 @@ DCP_LOAD_WORLD = 3
 
 
 @pytest.fixture(scope="module")
-def dcp_run(tmp_path_factory):
-    """A DCP checkpoint saved by two FSDP2 ranks after DCP_STEPS[0] steps, loaded by three that go on training.
+def fsdp2_run(tmp_path_factory):
+    """One launch of three gloo processes (see :func:`_dcp_worker`) and the seed it used.
 
-    Returns the folder with ``ckpt``, ``saved.pt`` and ``resumed-3.pt`` (or the load's tracebacks), and the seed.
+    Two FSDP2 ranks save a DCP checkpoint after DCP_STEPS[0] steps and three load it and go on training; then
+    the two train with snapshots. The folder holds ``ckpt``, ``saved.pt``, ``resumed-3.pt``, ``snapshot-{rank}.pt``
+    and ``snapshots-fsdp2/`` (or the tracebacks of what failed).
     """
     if fully_shard is None:
         pytest.skip("needs torch.distributed.fsdp.fully_shard (torch >= 2.6)")
     seed = random.SystemRandom().randrange(2**31)
-    tmp = tmp_path_factory.mktemp("dcp")
+    tmp = tmp_path_factory.mktemp("fsdp2")
     with pytest.MonkeyPatch.context() as env:
         # Gloo picks a network interface from the hostname, which need not resolve in a sandbox.
         env.setenv("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
         args = (DCP_LOAD_WORLD, seed, str(tmp / "store"), str(tmp))
-        launch(_dcp_worker, DCP_LOAD_WORLD, args, "dcp save and load")
+        launch(_dcp_worker, DCP_LOAD_WORLD, args, "dcp save and load, snapshots")
     return tmp, seed
 
 
 # DCP's note that it loads in one process, which is the point of the unsharded case.
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled, unavailable or uninitialized")
 @pytest.mark.parametrize("world", [1, DCP_LOAD_WORLD], ids=["load-on-1-unsharded", "load-on-3-fsdp2"])
-def test_dcp_checkpoint_reshards_and_resumes_bit_exactly(dcp_run, world, request):
-    tmp, seed = dcp_run
+def test_dcp_checkpoint_reshards_and_resumes_bit_exactly(fsdp2_run, world, request):
+    tmp, seed = fsdp2_run
     request.node.user_properties.append(("seed", seed))
     before, after = DCP_STEPS
     # The save itself: two sharded ranks trained exactly like one process.
@@ -431,3 +444,114 @@ def test_dcp_init_step_is_no_ema_step_for_a_stateless_optimizer_behind_wrappers(
     assert_equal(snapshot(opt.ema_params()), ema, "EMA after the init step")
     assert {g["ema"]["step"] for g in osd["param_groups"]} == {2}
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**2), "the helper restores the learning rate"
+
+
+# Post-hoc EMA snapshots with FSDP2: each rank writes its shards of every profile and its own index; the shards
+# assembled from the index's placements must reconstruct what one process's snapshots do, bit for bit. They do
+# because every element goes through the same operations in the same order: dcp_distribute makes the sharded
+# run's gradients, hence its parameters and shadows, bit-identical to one process's; every rank's index lists the
+# same (t, gamma) snapshots, so the float64 solve gives the same coefficients; and reconstruct accumulates
+# elementwise (out += x_i * c_i, one snapshot after another in step order), which no shard boundary changes.
+SNAPSHOT_STEPS = 8
+SNAPSHOT_EVERY = 2
+SNAPSHOT_SIGMAS = (0.05, 0.10)
+POSTHOC_SIGMA = 0.15
+
+
+def snapshot_run(rank: int, world: int, seed: int, directory: Path, mesh: DeviceMesh | None = None) -> dict:
+    """Train with two power-function profiles and snapshots; the shadows, names and parameters as this rank holds
+    them (``local``) and gathered (``full``)."""
+    model = dcp_distribute(make_model(seed), world, mesh)
+    opt = EMAOptimizerWrapper(
+        torch.optim.AdamW(model.named_parameters(), lr=0.05),
+        sigma_rel=SNAPSHOT_SIGMAS,
+        snapshot_every=SNAPSHOT_EVERY,
+        snapshot_dir=directory,
+    )
+    for x, y in dcp_data(seed, SNAPSHOT_STEPS):
+        dcp_step(model, opt, x, y, rank)
+    opt.flush()
+    assert opt.num_steps == SNAPSHOT_STEPS
+    named = list(model.named_parameters())
+    if world > 1:
+        from torch.distributed.tensor import DTensor, Shard
+
+        for n, p in named:
+            assert isinstance(p, DTensor) and p.placements == (Shard(0),), f"{n}: {p.placements}"
+    profiles = range(len(SNAPSHOT_SIGMAS))
+    return {
+        "names": [n for n, _ in named],
+        "local_params": {n: local(p).detach().clone() for n, p in named},
+        "full_params": {n: full(p).detach().clone() for n, p in named},
+        "local_ema": [[local(s).clone() for s in opt.ema_params(profile=k)] for k in profiles],
+        "full_ema": [[full(s).clone() for s in opt.ema_params(profile=k)] for k in profiles],
+    }
+
+
+def test_fsdp2_snapshots_reconstruct_exactly_like_one_process(fsdp2_run, tmp_path, request):
+    from safetensors.torch import load_file
+
+    tmp, seed = fsdp2_run
+    request.node.user_properties.append(("seed", seed))
+    errors = sorted(tmp.glob("snapshot-error-*.txt"))
+    if errors:
+        pytest.fail(f"the FSDP2 snapshot run failed; {errors[0].stem}:\n{errors[0].read_text()}")
+    ranks = [torch.load(tmp / f"snapshot-{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+    sharded = tmp / "snapshots-fsdp2"
+    single_dir = tmp_path / "snapshots-single"
+    single = snapshot_run(0, 1, seed, single_dir)
+    names = single["names"]
+    assert names == ["0.weight", "0.bias", "2.weight", "2.bias"], "named_parameters() names the snapshots"
+
+    # The sharded run trained exactly like one process, every profile included.
+    for r, got in enumerate(ranks):
+        assert got["names"] == names
+        assert_equal(list(got["full_params"].values()), list(single["full_params"].values()), f"rank {r}: params")
+        for k in range(len(SNAPSHOT_SIGMAS)):
+            assert_equal(got["full_ema"][k], single["full_ema"][k], f"rank {r}: profile {k} gathered")
+
+    # Each rank wrote its own index and files, the files holding its local shards where the index says they sit.
+    assert sorted(p.name for p in sharded.glob("index-r*.json")) == [f"index-r{r}.json" for r in range(WORLD_SIZE)]
+    indexes = read_index(sharded)
+    (single_entries,) = read_index(single_dir).values()
+
+    def when(e: dict) -> tuple:
+        return (e["step"], e["t"], e["gamma"], e["sigma_rel"], e["profile"])
+
+    expected_steps = list(range(SNAPSHOT_EVERY, SNAPSHOT_STEPS + 1, SNAPSHOT_EVERY))
+    assert sorted({e["step"] for e in single_entries}) == expected_steps
+    assert len(single_entries) == len(expected_steps) * len(SNAPSHOT_SIGMAS)
+    offsets: dict[int, dict[str, int]] = {}
+    for r, got in enumerate(ranks):
+        entries = indexes[r]
+        assert sorted(map(when, entries)) == sorted(map(when, single_entries)), f"rank {r}: snapshot set"
+        offsets[r] = {}
+        for e in entries:
+            assert e["file"].endswith(f"-r{r}.safetensors") and e["rank"] == r
+            assert list(e["tensors"]) == names
+            for n in names:
+                place, piece = e["shards"][n], got["local_params"][n]
+                whole = single["full_params"][n]
+                assert e["tensors"][n]["shape"] == list(piece.shape), f"rank {r}: {n} stored as the local shard"
+                assert place["dim"] == 0 and place["global_shape"] == list(whole.shape), f"rank {r}: {n}: {place}"
+                assert_equal([whole.narrow(0, place["offset"], piece.shape[0])], [piece], f"rank {r}: {n} placed")
+                offsets[r][n] = place["offset"]
+        # The last snapshot is the final shadow of each profile, shard by shard.
+        for k in range(len(SNAPSHOT_SIGMAS)):
+            (last,) = [e for e in entries if e["step"] == SNAPSHOT_STEPS and e["profile"] == k]
+            stored = load_file(str(sharded / last["file"]))
+            assert_equal([stored[n] for n in names], got["local_ema"][k], f"rank {r}: last snapshot of profile {k}")
+
+    expected = posthoc.reconstruct(single_dir, sigma_rel=POSTHOC_SIGMA)
+    got = posthoc.reconstruct(sharded, sigma_rel=POSTHOC_SIGMA)
+    assert list(got) == list(expected) == names
+    assert_equal(list(got.values()), list(expected.values()), "gathered reconstruction")
+    # Per rank (rank=r returns the local shards): the same rows of the same reconstruction.
+    for r in range(WORLD_SIZE):
+        mine = posthoc.reconstruct(sharded, sigma_rel=POSTHOC_SIGMA, rank=r)
+        for n in names:
+            rows = ranks[r]["local_params"][n].shape[0]
+            assert_equal([mine[n]], [expected[n].narrow(0, offsets[r][n], rows)], f"rank {r}: {n} reconstructed")
+    # A reconstruction that is neither tracked profile, so that the comparison above is one of new tensors.
+    for k in range(len(SNAPSHOT_SIGMAS)):
+        assert not torch.equal(expected["0.weight"], single["full_ema"][k][0])
