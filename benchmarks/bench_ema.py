@@ -1,8 +1,10 @@
-"""Every contender of a kind (EMA update, optimizer step, EMA-weight swap) over the same parameters.
+"""Every contender of a kind (EMA update, K EMA profiles, optimizer step, EMA-weight swap) over the same
+parameters.
 
-One pytest-benchmark group per kind and workload, e.g. ``update resnet50-fp32``. On GPU a timed round is
-``extra_info["calls_per_round"]`` calls and one synchronize, so pytest-benchmark's own table shows rounds;
-the figures in ``extra_info`` (``median_s``, ``gbps``, ``fraction_of_copy``) are per call everywhere.
+One pytest-benchmark group per kind and workload, e.g. ``update resnet50-fp32`` or ``profiles resnet50-fp32``.
+On GPU a timed round is ``extra_info["calls_per_round"]`` calls and one synchronize, so pytest-benchmark's own
+table shows rounds; the figures in ``extra_info`` (``median_s``, ``gbps``, ``fraction_of_copy``) are per call
+everywhere.
 """
 
 from __future__ import annotations
