@@ -421,6 +421,13 @@ class EMAOptimizerWrapper(Optimizer):
         every = self.profiles.update_every
         if self._step % every or (self._step // every) % self._snapshot.every:
             return
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_rank() != 0
+            and not any(_is_dtensor(e.owner) for e in self._entries)
+        ):
+            return  # replicas (DDP) hold the same EMA: rank 0 writes it once
         writer = self._snapshot_writer()
         names = self._snapshot_names()
         t = self._step - self.profiles.members[0].update_after_step
