@@ -1005,7 +1005,10 @@ def _span(t: Tensor) -> tuple | None:
 def _lr_is_zero(groups: list[dict[str, Any]]) -> bool:
     """What the state initialisation below sets first: a cheap test before looking at frames."""
     lr = groups[0].get("lr") if groups else None
-    return lr is not None and not bool(lr != 0)
+    if isinstance(lr, Tensor):
+        # Reading a CUDA lr would wait for the device; the helper sets a CPU tensor anyway.
+        return lr.device.type == "cpu" and not bool(lr != 0)
+    return lr is not None and lr == 0
 
 
 def _initialising_state() -> bool:
