@@ -1,7 +1,7 @@
 """triton-ema: a fused, CUDA-graph-friendly exponential moving average of a model's weights."""
 
-from triton_ema.schedules import Schedule
+from triton_ema.schedules import PowerProfile, Schedule
 from triton_ema.wrapper import EMAOptimizerWrapper
 
-__all__ = ["EMAOptimizerWrapper", "Schedule"]
+__all__ = ["EMAOptimizerWrapper", "PowerProfile", "Schedule"]
 __version__ = "0.1.0"
