@@ -269,16 +269,35 @@ def test_state_dict_flushes_snapshots(tmp_path, monkeypatch):
     assert flushed == [True]
 
 
-def test_power_weight_on_the_device_keeps_precision():
-    from triton_ema.schedules import PowerProfile, ProfileSet
+@pytest.mark.skipif(not interpreting(), reason="the weights kernel on CPU tensors needs the interpreter")
+@pytest.mark.parametrize(
+    "members",
+    [
+        ("power", {"update_every": 7}, (0.05, 0.2)),
+        ("power", {"update_after_step": 3, "update_every": 10}, (0.05, 0.1, 0.15)),
+        ("decay", {"warmup": "litema", "update_after_step": 2, "update_every": 2}, (0.99, 0.999)),
+        ("decay", {"warmup": "power", "warmup_gamma": 2.0, "min_decay": 0.3, "update_after_step": 1}, (0.99, 0.9)),
+        ("decay", {"min_decay": 0.2}, (0.9, 0.5, 0.999)),
+    ],
+    ids=["power-every7", "power-after3-every10", "litema", "power-warmup-min", "plain-min"],
+)
+def test_weights_kernel_equals_the_host_weights(members):
+    """The K weights computed on the device from the counter keep float64's precision up to t = 1e9."""
+    from triton_ema.kernels.multi import profile_weights_
+    from triton_ema.schedules import PowerProfile, ProfileSet, Schedule
 
-    profiles = ProfileSet((PowerProfile(0.05, update_every=7), PowerProfile(0.2, update_every=7)))
-    for t in (7, 14, 700, 7 * 10**6, 7 * 10**8):
+    kind, shared, values = members
+    make = (lambda v: PowerProfile(v, **shared)) if kind == "power" else (lambda v: Schedule(v, **shared))
+    profiles = ProfileSet(tuple(make(v) for v in values))
+    out = torch.empty(len(values))
+    for t in [*range(1, 40), 999, 7 * 10**6, 7 * 10**8, 10**9]:
         host = profiles.weights(t)
-        device = profiles.device_weights(torch.tensor([t])).double().tolist()
-        for h, d in zip(host, device):
-            assert math.isclose(h, d, rel_tol=1e-6), (t, h, d)
-    assert profiles.device_weights(torch.tensor([8])).eq(0).all()
+        device = profile_weights_(torch.tensor([t]), profiles, out).double().tolist()
+        if host is None:
+            assert device == [0.0] * len(values), t
+        else:
+            for h, d in zip(host, device):
+                assert math.isclose(h, d, rel_tol=1e-6), (t, h, d)
 
 
 def test_copies_and_pickles_keep_every_profile(seed, tmp_path):

@@ -431,15 +431,16 @@ class Dispatcher:
                 elif weights is not None or g.device.type != "cpu":
                     # On a CPU (the interpreter: no CUDA graphs) the host's count is the truth and a
                     # step without an update launches nothing; on a GPU the kernel decides.
-                    from triton_ema.kernels.multi import ema_update_multi
+                    from triton_ema.kernels.multi import ema_update_multi, profile_weights_
 
                     w = device_weights.get(g.device)
                     if w is None:
-                        # One persistent buffer per device: the kernel's bound launch keeps pointing at it.
+                        # One persistent buffer per device, filled by one tiny launch from the counter:
+                        # the update kernel's bound launch keeps pointing at it.
                         state = self.devices[g.device]
                         if state.weights is None or len(state.weights) != len(profiles):
                             state.weights = torch.empty(len(profiles), dtype=torch.float32, device=g.device)
-                        w = device_weights[g.device] = state.weights.copy_(profiles.device_weights(counter))
+                        w = device_weights[g.device] = profile_weights_(counter, profiles, state.weights)
                     for table in g.multi_tables():
                         ema_update_multi(table, w, g.param_dtype, g.shadow_dtype, g.n_profiles, skip=flag)
             elif weights is not None:

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from torch import Tensor
+from typing import Any
 
 #: Warmup names accepted by :class:`Schedule`, mapped to the kernel's constexpr code.
 WARMUPS: dict[str | None, int] = {None: 0, "litema": 1, "power": 2}
@@ -192,9 +189,10 @@ def profile_to_dict(p: Profile) -> dict[str, Any]:
 class ProfileSet:
     """The K profiles a wrapper tracks. They share ``update_after_step`` and ``update_every``.
 
-    :meth:`weights` gives the host's weights (the torch path); :meth:`device_weights`
-    computes the same on the device from the step counter with a few tensor ops, so
-    the fused K-profile kernel needs nothing from the host and CUDA graphs keep working.
+    :meth:`weights` gives the host's weights (the torch path);
+    ``kernels.multi.profile_weights_`` computes the same on the device from the step
+    counter, so the fused K-profile kernel needs nothing from the host and CUDA graphs
+    keep working.
     """
 
     def __init__(self, members: tuple[Profile, ...]) -> None:
@@ -214,7 +212,6 @@ class ProfileSet:
             ):
                 raise ValueError("EMA profiles given as decays must share the warmup and min_decay")
         self.members = tuple(members)
-        self._device_consts: dict = {}
 
     def __len__(self) -> int:
         return len(self.members)
@@ -242,38 +239,3 @@ class ProfileSet:
 
     def to_list(self) -> list[dict[str, Any]]:
         return [profile_to_dict(m) for m in self.members]
-
-    def device_weights(self, counter: Tensor) -> Tensor:
-        """float32 ``[K]``: each profile's weight for step ``counter[0]``, 0 where the step makes no update."""
-        import torch
-
-        device = counter.device
-        consts = self._device_consts.get(device)
-        first = self.members[0]
-        if consts is None:
-            if isinstance(first, PowerProfile):
-                values = [m.gamma + 1.0 for m in self.members]
-            else:
-                values = [m.min_weight for m in self.members]
-            consts = self._device_consts[device] = torch.tensor(values, dtype=torch.float64, device=device)
-        t = counter.to(torch.float64)
-        u = t - first.update_after_step
-        due = counter.remainder(first.update_every).eq(0)
-        if isinstance(first, PowerProfile):
-            dt = float(first.update_every)
-            w = torch.expm1(consts * torch.log1p(-dt / u.clamp(min=dt + 1.0))).neg()
-            w = torch.where(u <= dt, torch.ones_like(w), w)
-        else:
-            if first.warmup == "litema":
-                w = torch.maximum(consts, 9.0 / (10.0 + u.clamp(min=0.0)))
-            elif first.warmup == "power":
-                base = 1.0 + (u - 1.0).clamp(min=0.0) / first.warmup_gamma
-                w = torch.maximum(consts, base.pow(-first.warmup_power))
-            else:
-                w = consts.clone()
-            w = w.clamp(max=first.max_weight)
-            copy = u <= 0
-            if first.warmup == "power":
-                copy = copy | (u == 1)
-            w = torch.where(copy, torch.ones_like(w), w)
-        return torch.where(due, w, torch.zeros_like(w)).to(torch.float32)

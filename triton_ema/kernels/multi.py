@@ -14,6 +14,8 @@ step and the launch can be captured in a CUDA graph. A profile whose weight is
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -287,3 +289,97 @@ def _multi_launch(
         return scratch_table.n_entries, scratch_kwargs
 
     return scratch, kwargs
+
+
+@triton.jit
+def _profile_weights_kernel(
+    step_ptr,
+    out_ptr,
+    c0,
+    c1,
+    c2,
+    c3,
+    c4,
+    c5,
+    c6,
+    c7,
+    max_weight,
+    warmup_gamma,
+    warmup_power,
+    update_after_step,
+    update_every,
+    POWER_PROFILES: tl.constexpr,
+    WARMUP: tl.constexpr,
+    N_PROFILES: tl.constexpr,
+):
+    """``out[k]``: profile k's weight for step ``step[0]``, 0 when the step makes no update. One program.
+
+    Power-function profiles (``c_k = γ_k + 1``): ``w = 1 - (1 - Δt/u) ** c_k`` with ``Δt = update_every``,
+    a copy while ``u <= Δt``. Decays (``c_k = 1 - decay_k``): ``ema_update._weight``'s formulas with each
+    profile's smallest weight. In float64, so that ``1 - β`` keeps its precision at ``u`` up to 1e9.
+    """
+    t = tl.load(step_ptr)
+    u = (t - update_after_step).to(tl.float64)
+    due = t % update_every == 0
+    # Scalars joined to a float64 value (``zero + x``) rather than cast: the interpreter hands
+    # plain Python numbers to the kernel, which have no ``.to``.
+    zero = u * 0.0
+    for k in tl.static_range(N_PROFILES):
+        c = zero + _select(k, c0, c1, c2, c3, c4, c5, c6, c7)
+        if POWER_PROFILES:
+            dt = zero + update_every
+            ratio = dt / tl.maximum(u, dt + 1.0)
+            w = 1.0 - tl.exp2(c * tl.log2(1.0 - ratio))
+            w = tl.where(u <= dt, 1.0, w)
+        else:
+            if WARMUP == 1:
+                w = tl.maximum(c, 9.0 / (10.0 + tl.maximum(u, 0.0)))
+            elif WARMUP == 2:
+                base = 1.0 + tl.maximum(u - 1.0, 0.0) / (zero + warmup_gamma)
+                w = tl.maximum(c, tl.exp2(-(zero + warmup_power) * tl.log2(base)))
+            else:
+                w = c
+            w = tl.minimum(w, zero + max_weight)
+            copy = u <= 0.0
+            if WARMUP == 2:
+                copy = copy | (u == 1.0)
+            w = tl.where(copy, 1.0, w)
+        tl.store(out_ptr + k, tl.where(due, w, 0.0).to(tl.float32))
+
+
+def profile_weights_(step: Tensor, profiles, out: Tensor) -> Tensor:
+    """Fill ``out`` (float32 ``[K]``) with the K profiles' weights for step ``step[0]``: one launch, no host sync.
+
+    ``profiles`` is a ``schedules.ProfileSet``; the result equals its ``weights()`` (float64 on the host)
+    rounded to float32, with 0 on steps that make no update. The arguments are bound once per ``out``.
+    """
+    from triton_ema.schedules import PowerProfile
+
+    first = profiles.members[0]
+    power = isinstance(first, PowerProfile)
+    key = (out, step, profiles.members)
+    launch = _weights_launches.get(key)
+    if launch is None:
+        consts = [m.gamma + 1.0 if power else m.min_weight for m in profiles.members]
+        consts += [0.0] * (MAX_PROFILES - len(consts))
+        kwargs = {
+            "step_ptr": step,
+            "out_ptr": out,
+            **{f"c{k}": float(c) for k, c in enumerate(consts)},
+            "max_weight": 1.0 if power else float(first.max_weight),
+            "warmup_gamma": 1.0 if power else float(first.warmup_gamma),
+            "warmup_power": 1.0 if power else float(first.warmup_power),
+            "update_after_step": int(first.update_after_step),
+            "update_every": int(first.update_every),
+            "POWER_PROFILES": power,
+            "WARMUP": 0 if power else first.warmup_code,
+            "N_PROFILES": len(profiles.members),
+        }
+        launch = _weights_launches[key] = functools.partial(_profile_weights_kernel[(1,)], **kwargs)
+    launch()
+    return out
+
+
+#: Bound launches of the weights kernel, per output buffer, counter and profile set. Tensors hash
+#: by identity and the key keeps them alive, so an address is never reused under an entry.
+_weights_launches: dict = {}
