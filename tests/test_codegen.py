@@ -71,3 +71,32 @@ def test_unguarded_update_never_reads_the_flag(ptx_ops):
 def test_unaligned_tables_stay_scalar(ptx_ops, case):
     ops = set(ptx_ops[case])
     assert not any(re.search(r"\.v[248]\.", op) for op in ops), ops
+
+
+def test_profile_weights_kernel_compiles_for_sm90_in_float64():
+    """The K-profile weights kernel does its math in float64 (libdevice on a GPU): it must compile for sm_90
+    in every mode and store exactly one weight per profile."""
+    code = r"""
+import json, re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton_ema.kernels.multi import _profile_weights_kernel
+sig = {"step_ptr": "*i64", "out_ptr": "*fp32", **{f"c{k}": "fp32" for k in range(8)}, "max_weight": "fp32",
+       "warmup_gamma": "fp32", "warmup_power": "fp32", "update_after_step": "i32", "update_every": "i32"}
+out = {}
+for power, warmup in ((True, 0), (False, 0), (False, 1), (False, 2)):
+    ce = {"POWER_PROFILES": power, "WARMUP": warmup, "N_PROFILES": 3}
+    compiled = triton.compile(ASTSource(_profile_weights_kernel, {**sig, **dict.fromkeys(ce, "constexpr")}, ce),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+    ptx = compiled.asm["ptx"]
+    out[f"{power}-{warmup}"] = [len(re.findall(r"st\.global", ptx)), len(re.findall(r"\.f64", ptx))]
+print(json.dumps(out))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    for mode, (stores, f64_ops) in result.items():
+        assert stores == 3, f"{mode}: one store per profile"
+        assert f64_ops > 0, f"{mode}: the weights are computed in float64"
