@@ -210,12 +210,6 @@ class Exchanger:
         torch._foreach_copy_(ys, tmp)
 
 
-@torch.no_grad()
-def swap_(a: list[Tensor], b: list[Tensor]) -> None:
-    """Exchange the contents of equal-dtype pairs in place, bit-exactly, through a bounded scratch."""
-    Exchanger(a, b).run([0, 0])
-
-
 def nonfinite_(params: list[Tensor], flag: Tensor) -> None:
     """Set ``flag`` (a one-element tensor) to 1 if any element of ``params`` is NaN or infinite; no host sync.
 
@@ -276,12 +270,10 @@ def backup_and_load_(params: list[Tensor], shadows: list[Tensor]) -> list[Tensor
 
     Used when the shadow is wider than the parameter: the fp32 shadow is
     rounded into the parameter for evaluation but is itself never touched.
+    The statement of what the swap kernel's load computes; the dispatcher's
+    torch path does the same with an undo on failure.
     """
     backups = [p.clone() for p in params]
     torch._foreach_copy_(params, shadows)
     return backups
 
-
-@torch.no_grad()
-def restore_(params: list[Tensor], backups: list[Tensor]) -> None:
-    torch._foreach_copy_(params, backups)
