@@ -357,9 +357,19 @@ def plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _without_raw_timings(data: dict) -> dict:
+    """``data`` without pytest-benchmark's per-round timings (``stats.data``): tens of MB for a full run, and
+    nothing here reads them; the summary statistics and ``extra_info`` stay."""
+    suite = data.get("suite")
+    if not suite:
+        return data
+    benchmarks = [{**b, "stats": {k: v for k, v in b["stats"].items() if k != "data"}} for b in suite["benchmarks"]]
+    return {**data, "suite": {**suite, "benchmarks": benchmarks}}
+
+
 def write(data: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(data, indent=1))
+    (out / "results.json").write_text(json.dumps(_without_raw_timings(data), indent=1))
     (out / "results.md").write_text(render_markdown(data))
     plot(data["suite"], out / "results.png")
 

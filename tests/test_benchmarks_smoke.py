@@ -14,7 +14,7 @@ import torch
 from posthoc64 import gamma64
 from reference64 import Ema64, tol
 
-from benchmarks import harness, paired, shapes, snapshot_step
+from benchmarks import harness, paired, report, shapes, snapshot_step
 from benchmarks.contenders import (
     CONTENDERS,
     HAS_SKIP_NONFINITE,
@@ -291,6 +291,9 @@ def test_suite_and_report_run_end_to_end(tmp_path):
         assert result["gbps"]["wrapper_update_k2"] > 0
     for result in data["snapshot_step"]["results"]:
         assert result["files_written"] == result["files_expected"]
+    # The saved JSON drops pytest-benchmark's raw rounds and still renders the same report.
+    assert all("data" not in b["stats"] for b in data["suite"]["benchmarks"])
+    assert report.render_markdown(data) == table
     # Every stubbed host-cost measurement reached a (stubbed) launch, and no real kernel ran.
     for result in data["launch_host"]["results"]:
         assert result["update"]["launches_per_call"] >= 1
