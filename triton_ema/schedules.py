@@ -12,6 +12,7 @@ close to one.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -139,8 +140,9 @@ class PowerProfile:
         sigma_rel_to_gamma(float(self.sigma_rel))  # validates the range
         Schedule(update_after_step=self.update_after_step, update_every=self.update_every)
 
-    @property
+    @functools.cached_property
     def gamma(self) -> float:
+        """The exponent, solved once (a root of a cubic: tens of microseconds, too much for every step)."""
         from triton_ema.profiles import sigma_rel_to_gamma
 
         return sigma_rel_to_gamma(float(self.sigma_rel))
