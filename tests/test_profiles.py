@@ -315,3 +315,26 @@ def test_copies_and_pickles_keep_every_profile(seed, tmp_path):
         for k in (0, 1):
             assert torch.equal(other.ema_params(profile=k)[0], opt.ema_params(profile=k)[0])
     assert "sigma_rel=(0.05, 0.1)" in repr(opt)
+
+
+def test_snapshot_names_come_from_the_model_or_positions(tmp_path):
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    named = EMAOptimizerWrapper(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        sigma_rel=0.1,
+        snapshot_every=1,
+        snapshot_dir=tmp_path / "named",
+        model=model,
+        buffers=model.buffers(),
+    )
+    anonymous = EMAOptimizerWrapper(
+        torch.optim.SGD(model.parameters(), lr=0.1), sigma_rel=0.1, snapshot_every=1, snapshot_dir=tmp_path / "anon"
+    )
+    for opt in (named, anonymous):
+        opt.update_ema()
+        opt.flush()
+    (entry,) = json.loads((tmp_path / "named" / "index-r0.json").read_text())["entries"]
+    floating = {n for n, b in model.named_buffers() if b.is_floating_point()}
+    assert set(entry["tensors"]) == {n for n, _ in model.named_parameters()} | floating
+    (entry,) = json.loads((tmp_path / "anon" / "index-r0.json").read_text())["entries"]
+    assert set(entry["tensors"]) == {f"param.{j}" for j in range(4)}

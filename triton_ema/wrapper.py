@@ -461,17 +461,14 @@ class EMAOptimizerWrapper(Optimizer):
     def _snapshot_names(self) -> dict[str, tuple[int, Tensor]]:
         """Snapshot tensor name -> (entry, tracked tensor): parameter names where known, else positions."""
         by_id: dict[int, str] = {}
-        model = self._snapshot.model
-        if model is not None:
-            by_id.update({id(p): n for n, p in model.named_parameters(remove_duplicate=False)})
-            by_id.update({id(b): n for n, b in model.named_buffers(remove_duplicate=False)})
-        position = 0
         for group in self.param_groups:
             names = group.get("param_names")
             if isinstance(names, (list, tuple)) and len(names) == len(group["params"]):
-                for p, n in zip(group["params"], names):
-                    by_id.setdefault(id(p), n)
-            position += len(group["params"])
+                by_id.update({id(p): n for p, n in zip(group["params"], names)})
+        model = self._snapshot.model
+        if model is not None:
+            for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+                by_id.setdefault(id(t), n)
         out: dict[str, tuple[int, Tensor]] = {}
         seen: set[int] = set()
         items = [(p, i, f"param.{j}") for j, (p, i) in enumerate(zip(self._params, self._param_entry))]
