@@ -21,6 +21,15 @@ from typing import Any
 WARMUPS: dict[str | None, int] = {None: 0, "litema": 1, "power": 2}
 
 
+def _elapsed(t: int, update_after_step: int, update_every: int) -> int | None:
+    """``u = t - update_after_step`` for a step ``t`` that updates, ``None`` for one that does not."""
+    if t < 1:
+        raise ValueError(f"step counts start at 1, got {t}")
+    if t % update_every:
+        return None
+    return t - update_after_step
+
+
 @dataclass(frozen=True)
 class Schedule:
     """When to update the EMA and with what weight.
@@ -91,11 +100,9 @@ class Schedule:
 
     def weight(self, t: int) -> float | None:
         """The weight ``w = 1 - d`` of step ``t`` in float64, or ``None`` if step ``t`` makes no update."""
-        if t < 1:
-            raise ValueError(f"step counts start at 1, got {t}")
-        if t % self.update_every:
+        u = _elapsed(t, self.update_after_step, self.update_every)
+        if u is None:
             return None
-        u = t - self.update_after_step
         if u <= 0:
             return 1.0
         if self.warmup == "litema":
@@ -154,11 +161,9 @@ class PowerProfile:
     def weight(self, t: int) -> float | None:
         from triton_ema.profiles import power_weight
 
-        if t < 1:
-            raise ValueError(f"step counts start at 1, got {t}")
-        if t % self.update_every:
+        u = _elapsed(t, self.update_after_step, self.update_every)
+        if u is None:
             return None
-        u = t - self.update_after_step
         if u <= 0:
             return 1.0
         return power_weight(u, self.update_every, self.gamma)
