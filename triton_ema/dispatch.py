@@ -123,6 +123,10 @@ class Group:
     def n_profiles(self) -> int:
         return len(self.profile_shadows)
 
+    def own_profile(self, profile: int) -> int:
+        """The index of ``profile`` among this group's shadows: copy groups keep one for every profile."""
+        return profile if self.n_profiles > 1 else 0
+
     @property
     def shadows(self) -> list[Tensor]:
         return self.profile_shadows[self.profile]
@@ -176,8 +180,12 @@ class Group:
         """Scratch for the torch path when the shadows are wider than the parameters (serves every profile)."""
         if self.exchanges:
             return None
-        shadows = self.all_real_shadows()
-        return self._cached(("upcaster",), lambda: Upcaster(self.params, shadows[0], more=tuple(shadows[1:])))
+
+        def make() -> Upcaster:
+            shadows = self.all_real_shadows()
+            return Upcaster(self.params, shadows[0], more=tuple(shadows[1:]))
+
+        return self._cached(("upcaster",), make)
 
     def exchanger(self) -> Exchanger:
         return self._cached(("exchanger", self.profile), lambda: Exchanger(self.params, self.real_shadows))
@@ -516,9 +524,11 @@ class Dispatcher:
         return self._swap_state is not None
 
     def ema_holder(self, group: Group, profile: int = 0) -> list[Tensor]:
-        """The tensors that hold a profile's EMA right now: the params while an equal-dtype swap of it is in."""
-        self.join()
-        k = profile if group.n_profiles > 1 else 0
+        """The tensors that hold a profile's EMA right now: the params while an equal-dtype swap of it is in.
+
+        Call :meth:`join` first when offloaded updates may still be running.
+        """
+        k = group.own_profile(profile)
         if self.swapped and group.exchanges and k == group.profile:
             return group.sources
         return group.profile_shadows[k]
@@ -597,7 +607,7 @@ class Dispatcher:
         done: list[tuple[Group, object]] = []
         with interrupts_deferred():
             for g in self.groups.values():
-                g.profile = profile if g.n_profiles > 1 else 0
+                g.profile = g.own_profile(profile)
             try:
                 for g in self.groups.values():
                     if g.exchanges:

@@ -490,15 +490,7 @@ class EMAOptimizerWrapper(Optimizer):
         """Per entry, the local tensor that holds profile ``profile``'s EMA right now."""
         self._dispatch.join()
         groups = self._dispatch.groups
-        swapped = self._dispatch.swapped
-        out = []
-        for e in self._entries:
-            g = groups[e.key]
-            k = profile if g.n_profiles > 1 else 0
-            out.append(
-                g.sources[e.slot] if (swapped and g.exchanges and g.profile == k) else g.profile_shadows[k][e.slot]
-            )
-        return out
+        return [self._dispatch.ema_holder(groups[e.key], profile)[e.slot] for e in self._entries]
 
     def _check_profile(self, profile: int) -> int:
         if isinstance(profile, bool) or not isinstance(profile, int) or not 0 <= profile < len(self.profiles):
@@ -535,7 +527,7 @@ class EMAOptimizerWrapper(Optimizer):
         self._dispatch.join()
         self._dispatch.refresh()
         for g in self._dispatch.groups.values():
-            torch._foreach_copy_(g.params, g.real_shadows_of(profile if g.n_profiles > 1 else 0))
+            torch._foreach_copy_(g.params, g.real_shadows_of(g.own_profile(profile)))
 
     @contextmanager
     def ema_weights(self, profile: int = 0) -> Iterator[EMAOptimizerWrapper]:
