@@ -14,6 +14,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from triton_ema.kernels import interpreting, launch  # noqa: E402
+from triton_ema.kernels.launch import CONFIGS  # noqa: E402
+
 
 @pytest.fixture
 def seed(request: pytest.FixtureRequest) -> int:
@@ -38,3 +41,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(
+    params=CONFIGS,
+    ids=[f"b{c.kwargs['BLOCK']}-e{c.kwargs['ENTRIES_PER_PROGRAM']}-w{c.num_warps}" for c in CONFIGS],
+)
+def forced_config(request, monkeypatch):
+    """Every launch in the test uses this autotune config, in the interpreter and on a GPU."""
+    c = request.param
+    if interpreting() and c.num_warps != CONFIGS[0].num_warps:
+        # The interpreter runs a program as whole-block numpy ops, whatever num_warps says.
+        pytest.skip(f"the interpreter launches num_warps={c.num_warps} exactly like num_warps={CONFIGS[0].num_warps}")
+    monkeypatch.setattr(launch, "FORCED_CONFIG", c.all_kwargs())
+    return c

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bits import assert_same_bits, int_view, sprinkle_, torch_lerp_fused
 from reference64 import decay64, poison_, tol
 
 from triton_ema import reference
@@ -226,8 +227,6 @@ def test_tuning_runs_on_scratch_once_per_key_and_live_launches_once(monkeypatch)
     """
     import triton
 
-    from triton_ema.kernels import launch
-
     calls = []
 
     class Recorder:
@@ -264,8 +263,6 @@ def test_cached_launch_binds_once_per_table_and_key_then_replays(monkeypatch):
     """On a GPU the per-step launch replays arguments bound on the first call (no argument building);
     a new table, step tensor or schedule binds afresh, and tuning still runs once per tuning key."""
     import triton
-
-    from triton_ema.kernels import launch
 
     calls, made = [], []
 
@@ -323,42 +320,6 @@ PAIRS = [
     pytest.param(torch.bfloat16, torch.bfloat16, id="bf16-bf16"),
     pytest.param(torch.float16, torch.float16, id="fp16-fp16"),
 ]
-
-
-def torch_lerp_fused(device: str) -> bool:
-    """Whether torch's lerp on ``device`` rounds once per multiply-add, as the kernel's fmas do.
-
-    nvcc contracts torch's CUDA lerp to fma and the vectorised CPU kernels call fmadd; only the
-    CPU build without SIMD (``ATEN_CPU_CAPABILITY=default``) rounds the product and the sum apart.
-    """
-    return device == "cuda" or torch.backends.cpu.get_cpu_capability() != "DEFAULT"
-
-
-def int_view(t: torch.Tensor) -> torch.Tensor:
-    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def assert_same_bits(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
-    """Bit for bit equal, signed zeros included; a NaN matches any NaN (payloads are the hardware's choice)."""
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        assert a.dtype == e.dtype and a.shape == e.shape, (i, a.dtype, e.dtype)
-        nan = a.isnan()
-        assert torch.equal(nan, e.isnan()), f"tensor {i}: NaN in {int((nan != e.isnan()).sum())} other elements"
-        differ = ((int_view(a) != int_view(e)) & ~nan).flatten()
-        if differ.any():
-            first = int(differ.nonzero()[0])
-            raise AssertionError(
-                f"tensor {i} ({a.numel()} elements): {int(differ.sum())} differ, the first at {first}: "
-                f"{a.flatten()[first].item()!r} != {e.flatten()[first].item()!r}"
-            )
-
-
-def sprinkle_(tensors: list[torch.Tensor], values: tuple[float, ...]) -> None:
-    """Write ``values`` at the first, middle and last elements of every 1-d tensor."""
-    for t in tensors:
-        if t.dim() == 1:
-            for i, v in zip((0, t.numel() // 2, t.numel() - 1), values):
-                t[i] = v
 
 
 def weight_schedules():
@@ -607,20 +568,6 @@ def test_one_flag_guards_every_group_of_a_device(seed, device):
     assert all(torch.equal(s, b) for group, old in zip(shadows, before) for s, b in zip(group, old))
 
 
-@pytest.fixture(
-    params=CONFIGS,
-    ids=[f"b{c.kwargs['BLOCK']}-e{c.kwargs['ENTRIES_PER_PROGRAM']}-w{c.num_warps}" for c in CONFIGS],
-)
-def config(request, monkeypatch):
-    """Every launch in the test uses this autotune config, in the interpreter and on a GPU."""
-    c = request.param
-    if interpreting() and c.num_warps != CONFIGS[0].num_warps:
-        # The interpreter runs a program as whole-block numpy ops, whatever num_warps says.
-        pytest.skip(f"the interpreter launches num_warps={c.num_warps} exactly like num_warps={CONFIGS[0].num_warps}")
-    monkeypatch.setattr(launch, "FORCED_CONFIG", c.all_kwargs())
-    return c
-
-
 def test_every_config_tiles_the_entry():
     for c in CONFIGS:
         assert ENTRY % c.kwargs["BLOCK"] == 0, c
@@ -645,7 +592,7 @@ def assert_matches_torch(device, shadows, expected):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("param_dtype", "shadow_dtype"), [PAIRS[0], PAIRS[1], PAIRS[3]])
-def test_update_every_config(seed, device, config, param_dtype, shadow_dtype):
+def test_update_every_config(seed, device, forced_config, param_dtype, shadow_dtype):
     params = sweep_params(device, param_dtype)
     shadows = shadows_like(params, shadow_dtype)
     poison_(shadows)
@@ -662,7 +609,7 @@ def test_update_every_config(seed, device, config, param_dtype, shadow_dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_swaps_every_config(seed, device, config):
+def test_swaps_every_config(seed, device, forced_config):
     a, b = sweep_params(device, torch.float32), sweep_params(device, torch.float32)
     a0, b0 = [x.clone() for x in a], [x.clone() for x in b]
     for table in build_tables(a, b):
@@ -681,7 +628,7 @@ def test_swaps_every_config(seed, device, config):
 
 @NAN_DATA
 @pytest.mark.parametrize("device", DEVICES)
-def test_guard_every_config(seed, device, config):
+def test_guard_every_config(seed, device, forced_config):
     params = sweep_params(device, torch.bfloat16)
     assert nonfinite_flag(params).item() == 0
     # The first element, a tail block, the last one-entry tensor, the unaligned table.

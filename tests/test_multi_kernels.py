@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from bits import assert_same_bits, int_view, sprinkle_, torch_lerp_fused
 from reference64 import poison_, tol
 
 from triton_ema import reference
-from triton_ema.kernels import interpreting, launch
+from triton_ema.kernels import interpreting
 from triton_ema.kernels.ema_update import ema_update
-from triton_ema.kernels.launch import CONFIGS
 from triton_ema.kernels.multi import MAX_PROFILES, _update_multi, ema_update_multi
 from triton_ema.kernels.table import ENTRY, build_table, build_tables
 from triton_ema.schedules import Schedule
@@ -82,38 +82,10 @@ def update_multi(params, profiles, weights, param_dtype, shadow_dtype, skip=None
         ema_update_multi(table, weights, param_dtype, shadow_dtype, len(profiles), skip=skip)
 
 
-def int_view(t: torch.Tensor) -> torch.Tensor:
-    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def assert_same_bits(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
-    """Bit for bit equal, signed zeros included; a NaN matches any NaN (payloads are the hardware's choice)."""
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        assert a.dtype == e.dtype and a.shape == e.shape, (i, a.dtype, e.dtype)
-        nan = a.isnan()
-        assert torch.equal(nan, e.isnan()), f"tensor {i}: NaN in {int((nan != e.isnan()).sum())} other elements"
-        differ = ((int_view(a) != int_view(e)) & ~nan).flatten()
-        if differ.any():
-            first = int(differ.nonzero()[0])
-            raise AssertionError(
-                f"tensor {i} ({a.numel()} elements): {int(differ.sum())} differ, the first at {first}: "
-                f"{a.flatten()[first].item()!r} != {e.flatten()[first].item()!r}"
-            )
-
-
 def assert_untouched(actual: list[torch.Tensor], before: list[torch.Tensor]) -> None:
     """Every bit as it was, NaN payloads included: nothing was written."""
     for i, (a, b) in enumerate(zip(actual, before)):
         assert torch.equal(int_view(a), b), f"tensor {i}: {int((int_view(a) != b).sum())} elements changed"
-
-
-def torch_lerp_fused(device: str) -> bool:
-    """Whether torch's lerp on ``device`` rounds once per multiply-add, as the kernel's fmas do.
-
-    nvcc contracts torch's CUDA lerp to fma and the vectorised CPU kernels call fmadd; only the
-    CPU build without SIMD (``ATEN_CPU_CAPABILITY=default``) rounds the product and the sum apart.
-    """
-    return device == "cuda" or torch.backends.cpu.get_cpu_capability() != "DEFAULT"
 
 
 def assert_matches_torch(device, shadows, expected):
@@ -122,14 +94,6 @@ def assert_matches_torch(device, shadows, expected):
     else:
         for s, e in zip(shadows, expected):
             torch.testing.assert_close(s.double(), e.double(), **tol(s.dtype))
-
-
-def sprinkle_(tensors: list[torch.Tensor], values: tuple[float, ...]) -> None:
-    """Write ``values`` at the first, middle and last elements of every 1-d tensor."""
-    for t in tensors:
-        if t.dim() == 1:
-            for i, v in zip((0, t.numel() // 2, t.numel() - 1), values):
-                t[i] = v
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -350,20 +314,6 @@ def test_tuning_applies_the_update_once(seed):
     assert any(key[0] == table.bucket and key[3] == 2 for key in _update_multi.chosen), "cached under the live key"
 
 
-@pytest.fixture(
-    params=CONFIGS,
-    ids=[f"b{c.kwargs['BLOCK']}-e{c.kwargs['ENTRIES_PER_PROGRAM']}-w{c.num_warps}" for c in CONFIGS],
-)
-def config(request, monkeypatch):
-    """Every launch in the test uses this autotune config, in the interpreter and on a GPU."""
-    c = request.param
-    if interpreting() and c.num_warps != CONFIGS[0].num_warps:
-        # The interpreter runs a program as whole-block numpy ops, whatever num_warps says.
-        pytest.skip(f"the interpreter launches num_warps={c.num_warps} exactly like num_warps={CONFIGS[0].num_warps}")
-    monkeypatch.setattr(launch, "FORCED_CONFIG", c.all_kwargs())
-    return c
-
-
 def sweep_params(device: str, dtype: torch.dtype) -> list[torch.Tensor]:
     # Full blocks and tails for BLOCK 1024 and 4096; then one-entry tensors, so that the 15
     # entries of the aligned table leave the last program of every ENTRIES_PER_PROGRAM part-filled.
@@ -375,7 +325,7 @@ def sweep_params(device: str, dtype: torch.dtype) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pair", ["fp32-fp32", "bf16-fp32", "bf16-bf16"])
-def test_every_config(seed, device, config, pair):
+def test_every_config(seed, device, forced_config, pair):
     param_dtype, shadow_dtype = PAIRS[pair]
     params = sweep_params(device, param_dtype)
     profiles = [shadows_like(params, shadow_dtype) for _ in range(3)]
