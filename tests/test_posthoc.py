@@ -534,7 +534,6 @@ def test_cli(tmp_path: Path, seed: int) -> None:
         assert all(torch.equal(saved[n], want[n]) for n in want)
 
 
-
 def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _write_run(tmp_path, shapes={"w": (2,)}, n_snapshots=2)
     assert posthoc.main([str(tmp_path), "--sigma-rel", "0.1,0.5", "--out", str(tmp_path / "out")]) == 2

@@ -276,4 +276,3 @@ def backup_and_load_(params: list[Tensor], shadows: list[Tensor]) -> list[Tensor
     backups = [p.clone() for p in params]
     torch._foreach_copy_(params, shadows)
     return backups
-
