@@ -10,11 +10,7 @@ it was before that operation.
 
 from __future__ import annotations
 
-import _signal  # signal's C core: the enum wrapping of the signal module costs tens of us a call
-import threading
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from operator import attrgetter
 
@@ -25,6 +21,7 @@ from triton_ema import reference
 from triton_ema.kernels import HAS_TRITON, KERNEL_DTYPES, interpreting
 from triton_ema.reference import Exchanger, Upcaster, is_dense
 from triton_ema.schedules import ProfileSet
+from triton_ema.util import interrupts_deferred
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -51,32 +48,6 @@ def real_view(t: Tensor) -> Tensor:
 
 def describe(t: Tensor) -> str:
     return f"{t.dtype} {tuple(t.shape)} stride {t.stride()} on {t.device}"
-
-
-@contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold back SIGINT (``KeyboardInterrupt``) until the block is done, then deliver it.
-
-    A swap is a sequence of in-place copies; interrupted between two of them it
-    would leave a tensor half exchanged. Exceptions raised by the operations
-    themselves are undone by the journal; this covers the signal, which Python
-    may deliver between any two bytecodes. Only the main thread receives signals.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = _signal.getsignal(_signal.SIGINT)
-    if not callable(previous):
-        yield
-        return
-    received: list[tuple[int, object]] = []
-    _signal.signal(_signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
-    try:
-        yield
-    finally:
-        _signal.signal(_signal.SIGINT, previous)
-        if received:
-            previous(*received[0])
 
 
 @dataclass

@@ -17,23 +17,10 @@ from torch.optim import Optimizer
 
 from triton_ema.dispatch import BACKENDS, Dispatcher
 from triton_ema.schedules import PowerProfile, ProfileSet, Schedule, profile_from_dict
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - builds without distributed support
-    DTensor = None
+from triton_ema.util import as_global, is_dtensor, local_shard
 
 _FORMAT_VERSION = 2
 _UNSET: Any = object()
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
-
-
-def _local(t: Tensor) -> Tensor:
-    """The tensor the kernels work on: a DTensor's local shard, else ``t`` itself."""
-    return t._local_tensor if _is_dtensor(t) else t
 
 
 class EMAOptimizerWrapper(Optimizer):
@@ -279,7 +266,7 @@ class EMAOptimizerWrapper(Optimizer):
         for t, name, is_buffer in items:
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} is a {type(t).__name__}, not a tensor")
-            local = _local(t)
+            local = local_shard(t)
             averaged = t.is_floating_point() or t.is_complex()
             if not averaged and not is_buffer:
                 raise ValueError(f"{name} has dtype {t.dtype}; an EMA needs floating-point parameters")
@@ -310,8 +297,8 @@ class EMAOptimizerWrapper(Optimizer):
         with torch.no_grad():
             for e in new_entries:
                 for shadow in e.shadows:
-                    shadow.copy_(_local(e.owner))
-                e.slot = self._dispatch.add(e.key, _local(e.owner), e.shadows, e.name, self._step)
+                    shadow.copy_(local_shard(e.owner))
+                e.slot = self._dispatch.add(e.key, local_shard(e.owner), e.shadows, e.name, self._step)
         self._entries.extend(new_entries)
         self._regions = regions
         self._params.extend(p for p, _ in params)
@@ -425,7 +412,7 @@ class EMAOptimizerWrapper(Optimizer):
             torch.distributed.is_available()
             and torch.distributed.is_initialized()
             and torch.distributed.get_rank() != 0
-            and not any(_is_dtensor(e.owner) for e in self._entries)
+            and not any(is_dtensor(e.owner) for e in self._entries)
         ):
             return  # replicas (DDP) hold the same EMA: rank 0 writes it once
         writer = self._snapshot_writer()
@@ -497,13 +484,6 @@ class EMAOptimizerWrapper(Optimizer):
             raise ValueError(f"profile must be an int in [0, {len(self.profiles)}), got {profile!r}")
         return profile
 
-    def _as_global(self, local: Tensor, like: Tensor) -> Tensor:
-        if _is_dtensor(like):
-            return DTensor.from_local(
-                local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
-            )
-        return local
-
     def ema_params(self, profile: int = 0) -> list[Tensor]:
         """The EMA of each parameter, in ``param_groups`` order (DTensors for DTensor parameters).
 
@@ -512,12 +492,12 @@ class EMAOptimizerWrapper(Optimizer):
         tensors are the parameters themselves where dtypes are equal.
         """
         holders = self._holders(self._check_profile(profile))
-        return [self._as_global(holders[i], p) for i, p in zip(self._param_entry, self._params)]
+        return [as_global(holders[i], p) for i, p in zip(self._param_entry, self._params)]
 
     def ema_buffers(self, profile: int = 0) -> list[Tensor]:
         """The EMA of each floating buffer and the copy of each other buffer, in the order given."""
         holders = self._holders(self._check_profile(profile))
-        return [self._as_global(holders[i], b) for i, b in zip(self._buffer_entry, self._buffers)]
+        return [as_global(holders[i], b) for i, b in zip(self._buffer_entry, self._buffers)]
 
     @torch.no_grad()
     def copy_ema_to_params(self, profile: int = 0) -> None:
@@ -616,16 +596,14 @@ class EMAOptimizerWrapper(Optimizer):
                 # A copy of the entry: the inner state dict's values are the optimizer's live dicts.
                 entry = dict(packed_state.get(key, {}))
                 for k, holders in enumerate(profiles):
-                    entry[_shadow_key(k)] = self._as_global(holders[self._param_entry[position]], p)
+                    entry[_shadow_key(k)] = as_global(holders[self._param_entry[position]], p)
                 packed_state[key] = entry
                 position += 1
             group["ema"] = self._ema_meta()
         state["state"] = packed_state
         if self._buffers:
             for k, holders in enumerate(profiles):
-                state[_buffers_key(k)] = [
-                    self._as_global(holders[i], b) for i, b in zip(self._buffer_entry, self._buffers)
-                ]
+                state[_buffers_key(k)] = [as_global(holders[i], b) for i, b in zip(self._buffer_entry, self._buffers)]
         for hook in list(self._optimizer_state_dict_post_hooks.values()):
             result = hook(self, state)
             if result is not None:
@@ -653,12 +631,12 @@ class EMAOptimizerWrapper(Optimizer):
             for k, per_profile in enumerate(shadows):
                 for position, source in enumerate(per_profile):
                     entry = self._entries[self._param_entry[position]]
-                    entry.shadows[min(k, len(entry.shadows) - 1)].copy_(_local(source))
+                    entry.shadows[min(k, len(entry.shadows) - 1)].copy_(local_shard(source))
             if buffer_shadows is not None:
                 for k, per_profile in enumerate(buffer_shadows):
                     for position, source in enumerate(per_profile):
                         entry = self._entries[self._buffer_entry[position]]
-                        entry.shadows[min(k, len(entry.shadows) - 1)].copy_(_local(source))
+                        entry.shadows[min(k, len(entry.shadows) - 1)].copy_(local_shard(source))
         self.profiles = profiles
         self._step = meta["step"]
         if self._snapshot.every is not None:
@@ -807,10 +785,10 @@ class EMAOptimizerWrapper(Optimizer):
             raise ValueError(f"{kind} in the state dict is on the meta device: it holds no values")
         if s.shape != ours.shape:
             raise ValueError(f"{kind} has shape {tuple(s.shape)} in the state dict, {tuple(ours.shape)} here")
-        if _local(s).shape != _local(ours).shape:
+        if local_shard(s).shape != local_shard(ours).shape:
             raise ValueError(
-                f"{kind} has local shard shape {tuple(_local(s).shape)} in the state dict, "
-                f"{tuple(_local(ours).shape)} here"
+                f"{kind} has local shard shape {tuple(local_shard(s).shape)} in the state dict, "
+                f"{tuple(local_shard(ours).shape)} here"
             )
         if averaged:
             if ours.is_complex() and not s.is_complex():
@@ -865,7 +843,7 @@ class EMAOptimizerWrapper(Optimizer):
         )
         self._entries, self._regions = [], {}
         for owner, shadows, name in state["entries"]:
-            local = _local(owner)
+            local = local_shard(owner)
             averaged = owner.is_floating_point() or owner.is_complex()
             key, _ = self._dispatch.plan(local, shadows[0].dtype, copy=not averaged)
             slot = self._dispatch.add(key, local, shadows, name, self._step)
@@ -961,7 +939,7 @@ def _is_shadow_key(name: Any) -> bool:
 
 def _shard_info(t: Tensor) -> dict[str, Any] | None:
     """Where a DTensor's local shard sits in the full tensor (one sharded dimension), for snapshots."""
-    if not _is_dtensor(t):
+    if not is_dtensor(t):
         return None
     try:
         from torch.distributed.tensor import Shard
