@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 
 from triton_ema import reference
+from triton_ema.exchange import Exchanger, Swap
 from triton_ema.kernels import HAS_TRITON, KERNEL_DTYPES, interpreting
-from triton_ema.reference import Exchanger, Upcaster, is_dense
+from triton_ema.reference import Upcaster, is_dense
 from triton_ema.schedules import ProfileSet
-from triton_ema.util import interrupts_deferred
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -272,7 +272,7 @@ class Dispatcher:
         self.n_profiles = n_profiles
         self.groups: dict[tuple, Group] = {}
         self.devices: dict[torch.device, DeviceState] = {}
-        self._swap_state: list[tuple[Group, object]] | None = None
+        self._swap = Swap()
         self._has_cuda = False
         self._offloaded: list[OffloadedGroup] = []
         self._all_sources: list[Tensor] = []
@@ -489,150 +489,40 @@ class Dispatcher:
             if state.skipped is not None:
                 state.skipped.fill_(n)
 
-    # ------------------------------------------------------------------ swapping
+    # ------------------------------------------------------------------ swapping (see triton_ema.exchange)
     @property
     def swapped(self) -> bool:
-        return self._swap_state is not None
+        return self._swap.swapped
+
+    @property
+    def restore_failed(self) -> bool:
+        """True after :meth:`leave` could not put the trained weights back."""
+        return self._swap.restore_failed
 
     def ema_holder(self, group: Group, profile: int = 0) -> list[Tensor]:
         """The tensors that hold a profile's EMA right now: the params while an equal-dtype swap of it is in.
 
         Call :meth:`join` first when offloaded updates may still be running.
         """
-        k = group.own_profile(profile)
-        if self.swapped and group.exchanges and k == group.profile:
-            return group.sources
-        return group.profile_shadows[k]
+        return self._swap.ema_holder(group, profile)
 
-    @staticmethod
-    def _exchange(g: Group, journal: list[int]) -> None:
-        """Exchange parameters and shadows of an equal-dtype group in place; its own inverse."""
-        if g.use_triton:
-            for i, table in enumerate(g.tables()):
-                journal[0] = i
-                _kernels()[1].swap_(table, g.param_dtype)
-                journal[0] = i + 1
-        else:
-            g.exchanger().run(journal)
-
-    def _exchange_whole(self, g: Group) -> None:
-        """Exchange a group in place; if that fails part-way, undo what was done and re-raise."""
-        journal = [0, 0]
-        try:
-            self._exchange(g, journal)
-        except BaseException:
-            self._unexchange(g, journal)
-            raise
-
-    @staticmethod
-    def _unexchange(g: Group, journal: list[int]) -> None:
-        if g.use_triton:
-            for table in reversed(g.tables()[: journal[0]]):
-                _kernels()[1].swap_(table, g.param_dtype)
-        else:
-            g.exchanger().undo(journal)
-
-    @staticmethod
-    def _load(g: Group) -> object:
-        """Back the parameters up in their own dtype, then write the (wider) shadows into them.
-
-        If the load fails part-way, the parameters are put back from the backup before it re-raises.
-        """
-        if g.use_triton:
-            from triton_ema.kernels.table import build_tables
-
-            swap = _kernels()[1]
-            backups = [torch.empty_like(p) for p in g.params]
-            tables = build_tables(g.params, g.real_shadows, backups)
-            launched = 0
-            try:
-                for table in tables:
-                    swap._launch(table, swap.MODE_BACKUP_AND_LOAD, g.param_dtype, g.shadow_dtype)
-                    launched += 1
-            except BaseException:
-                for table in tables[:launched]:
-                    swap._launch(table, swap.MODE_RESTORE, g.param_dtype, g.shadow_dtype)
-                raise
-            return tables
-        backups = [torch.empty_like(p) for p in g.params]
-        torch._foreach_copy_(backups, g.params)
-        try:
-            torch._foreach_copy_(g.params, g.real_shadows)
-        except BaseException:
-            torch._foreach_copy_(g.params, backups)
-            raise
-        return backups
-
-    @staticmethod
-    def _restore(g: Group, backup: object) -> None:
-        if g.use_triton:
-            _kernels()[1].restore_(backup, g.param_dtype, g.shadow_dtype)
-        else:
-            torch._foreach_copy_(g.params, backup)
-
-    @torch.no_grad()
     def swap_in(self, profile: int = 0) -> None:
         """Put profile ``profile``'s EMA into every tracked tensor. On any failure nothing has changed."""
         self.join()
         self.refresh()
-        done: list[tuple[Group, object]] = []
-        with interrupts_deferred():
-            for g in self.groups.values():
-                g.profile = g.own_profile(profile)
-            try:
-                for g in self.groups.values():
-                    if g.exchanges:
-                        self._exchange_whole(g)
-                        done.append((g, None))
-                    else:
-                        done.append((g, self._load(g)))
-            except BaseException:
-                self._undo(done)
-                self._reset_profiles()
-                raise
-            self._swap_state = done
+        self._swap.swap_in(list(self.groups.values()), profile)
 
-    def _reset_profiles(self) -> None:
-        for g in self.groups.values():
-            g.profile = 0
-
-    def _undo(self, done: list[tuple[Group, object]]) -> None:
-        for g, backup in reversed(done):
-            if backup is None:
-                self._exchange(g, [0, 0])
-            else:
-                self._restore(g, backup)
-
-    @torch.no_grad()
     def swap_out(self) -> None:
         """Put the trained values back. On failure the EMA stays swapped in, as it was, and it re-raises."""
-        state = self._swap_state or []
         self.refresh()
-        with interrupts_deferred():
-            undone: list[tuple[Group, object]] = []
-            try:
-                for g, backup in reversed(state):
-                    if backup is None:
-                        self._exchange_whole(g)
-                    else:
-                        # Idempotent: a failure half-way leaves the EMA partly loaded, and the loop
-                        # below loads it again from the shadows.
-                        try:
-                            self._restore(g, backup)
-                        except BaseException:
-                            self._reload(g)
-                            raise
-                    undone.append((g, backup))
-            except BaseException:
-                for g, backup in reversed(undone):
-                    if backup is None:
-                        self._exchange(g, [0, 0])
-                    else:
-                        self._reload(g)
-                raise
-            self._swap_state = None
-            self._reset_profiles()
+        self._swap.swap_out(list(self.groups.values()))
 
-    def _reload(self, g: Group) -> None:
-        """Write the shadows into the parameters again (after a restore that failed or was undone)."""
-        torch._foreach_copy_(g.params, g.real_shadows)
+    def leave(self) -> None:
+        """:meth:`swap_out`, tried twice; a second failure sets :attr:`restore_failed` and raises RuntimeError."""
+        self._swap.leave(self.swap_out)
+
+    def restore_trained(self) -> None:
+        """Put the trained weights back after a failed :meth:`leave`; a no-op otherwise."""
+        if self.swapped:
+            self.swap_out()
+        self._swap.restore_failed = False

@@ -180,7 +180,6 @@ class EMAOptimizerWrapper(Optimizer):
         self._buffer_entry: list[int] = []
         self._entries: list[_Entry] = []
         self._regions: dict[tuple, int] = {}
-        self._restore_failed = False
         self._snapshot = _SnapshotConfig(snapshot_every, snapshot_dir, snapshot_dtype, model)
         self._writer = None
         self._dispatch = Dispatcher(backend, ema_device, skip_nonfinite, n_profiles=len(profiles))
@@ -325,7 +324,7 @@ class EMAOptimizerWrapper(Optimizer):
     # ------------------------------------------------------------------ stepping
     def _check_not_swapped(self, what: str) -> None:
         if self._dispatch.swapped:
-            if self._restore_failed:
+            if self._dispatch.restore_failed:
                 raise RuntimeError(
                     f"{what}() called while the EMA is still in the model: restoring the trained weights "
                     "after ema_weights() failed; call restore_trained_weights() first"
@@ -521,7 +520,7 @@ class EMAOptimizerWrapper(Optimizer):
         tensor is left as it was before that swap. It does not nest, and
         :meth:`step` inside it raises.
         """
-        if self._dispatch.swapped and not self._restore_failed:
+        if self._dispatch.swapped and not self._dispatch.restore_failed:
             raise RuntimeError("ema_weights() is already active; it does not nest")
         self._check_not_swapped("ema_weights")
         self._check_profile(profile)
@@ -530,30 +529,11 @@ class EMAOptimizerWrapper(Optimizer):
             yield self
         finally:
             if self._dispatch.swapped:
-                self._swap_out()
-
-    def _swap_out(self) -> None:
-        try:
-            self._dispatch.swap_out()
-        except BaseException as first:
-            # Rolled back: the EMA is still fully in the model. One more try covers a passing fault.
-            try:
-                self._dispatch.swap_out()
-            except BaseException as e:
-                self._restore_failed = True
-                raise RuntimeError(
-                    "could not put the trained weights back after ema_weights(); the model holds the EMA and "
-                    "the trained weights are kept by the wrapper: call restore_trained_weights() once the "
-                    f"cause is fixed ({type(e).__name__}: {e})"
-                ) from e
-            raise first
-        self._restore_failed = False
+                self._dispatch.leave()
 
     def restore_trained_weights(self) -> None:
         """Put the trained weights back after a failed exit from :meth:`ema_weights`; a no-op otherwise."""
-        if self._dispatch.swapped:
-            self._dispatch.swap_out()
-        self._restore_failed = False
+        self._dispatch.restore_trained()
 
     # ------------------------------------------------------------------ checkpoints
     def _ema_meta(self) -> dict[str, Any]:
@@ -837,7 +817,6 @@ class EMAOptimizerWrapper(Optimizer):
         self._param_entry = list(state["param_entry"])
         self._buffers = list(state["buffers"])
         self._buffer_entry = list(state["buffer_entry"])
-        self._restore_failed = False
         self._dispatch = Dispatcher(
             self.backend, state["ema_device"], state["skip_nonfinite"], n_profiles=len(self.profiles)
         )
