@@ -93,12 +93,12 @@ class Fault:
 
 def patch_ops(monkeypatch, backend: str, make):
     """Patch every primitive a swap is built of with ``make(original)``; returns the patched callables."""
-    import triton_ema.dispatch as dispatch
+    import triton_ema.exchange as exchange
 
     patched = [make(torch._foreach_copy_)]
     monkeypatch.setattr(torch, "_foreach_copy_", patched[0])
     if backend == "triton":
-        swap = dispatch._kernels()[1]
+        swap = exchange._swap_kernels()
         patched.append(make(swap._launch))
         monkeypatch.setattr(swap, "_launch", patched[-1])
     return patched

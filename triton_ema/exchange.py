@@ -20,8 +20,8 @@ from torch import Tensor
 from triton_ema.reference import is_dense
 from triton_ema.util import interrupts_deferred
 
-if TYPE_CHECKING:  # for annotations only: the dispatcher imports this module, never the reverse
-    from triton_ema.dispatch import Group
+if TYPE_CHECKING:  # for annotations only: groups.py imports this module, never the reverse
+    from triton_ema.groups import Group
 
 
 def _swap_kernels():
