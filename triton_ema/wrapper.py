@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 
 from triton_ema.dispatch import BACKENDS, Dispatcher
 from triton_ema.schedules import PowerProfile, ProfileSet, Schedule, profile_from_dict
+from triton_ema.tracking import Tracker
 from triton_ema.util import as_global, is_dtensor, local_shard
 
 _FORMAT_VERSION = 2
@@ -174,16 +175,11 @@ class EMAOptimizerWrapper(Optimizer):
         self.backend = backend
         self._init_hooks()
         self._step = 0
-        self._params: list[Tensor] = []
-        self._param_entry: list[int] = []
-        self._buffers: list[Tensor] = []
-        self._buffer_entry: list[int] = []
-        self._entries: list[_Entry] = []
-        self._regions: dict[tuple, int] = {}
         self._snapshot = _SnapshotConfig(snapshot_every, snapshot_dir, snapshot_dtype, model)
         self._writer = None
         self._dispatch = Dispatcher(backend, ema_device, skip_nonfinite, n_profiles=len(profiles))
-        self._track(self._all_params(), buffers)
+        self._tracked = Tracker(self._dispatch, ema_dtype)
+        self._tracked.track(self._tracked.all_params(self.param_groups), buffers, self._step)
 
     @property
     def schedule(self) -> Schedule | PowerProfile:
@@ -228,86 +224,6 @@ class EMAOptimizerWrapper(Optimizer):
         self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
 
-    # ------------------------------------------------------------------ tracking
-    def _all_params(self) -> list[tuple[Tensor, str]]:
-        out = []
-        for group in self.param_groups:
-            out.extend(self._named(group, len(out)))
-        return out
-
-    @staticmethod
-    def _named(group: dict[str, Any], start: int) -> list[tuple[Tensor, str]]:
-        params = list(group["params"])
-        names = group.get("param_names")
-        if not isinstance(names, (list, tuple)) or len(names) != len(params):
-            names = [None] * len(params)
-        return [
-            (p, f"parameter {start + i}" + (f" ({n!r})" if n is not None else ""))
-            for i, (p, n) in enumerate(zip(params, names))
-        ]
-
-    def _shadow_dtype(self, t: Tensor) -> torch.dtype:
-        return t.dtype if self.ema_dtype is None else torch.promote_types(t.dtype, self.ema_dtype)
-
-    def _plan(self, params: list[tuple[Tensor, str]], buffers: list[Tensor]) -> tuple[list, list, list, list]:
-        """Work out the entries for new parameters and buffers, without changing anything.
-
-        A tensor that is exactly one already tracked (the same parameter twice, a
-        buffer that is a parameter) maps to the same entry; a partial overlap of
-        memory is refused, since swapping one would corrupt the other.
-        """
-        new_entries: list[_Entry] = []
-        regions = dict(self._regions)
-        spans = [(e.span, e.name) for e in self._entries if e.span is not None]
-        param_entry, buffer_entry = [], []
-        items = [(p, name, False) for p, name in params]
-        items += [(b, f"buffer {len(self._buffers) + i}", True) for i, b in enumerate(buffers)]
-        for t, name, is_buffer in items:
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{name} is a {type(t).__name__}, not a tensor")
-            local = local_shard(t)
-            averaged = t.is_floating_point() or t.is_complex()
-            if not averaged and not is_buffer:
-                raise ValueError(f"{name} has dtype {t.dtype}; an EMA needs floating-point parameters")
-            key = _region_key(local)
-            index = regions.get(key)
-            if index is None:
-                span = _span(local)
-                if span is not None:
-                    for other_span, other_name in spans:
-                        if other_span[0] == span[0] and other_span[1] < span[2] and span[1] < other_span[2]:
-                            raise ValueError(
-                                f"{name} and {other_name} overlap in memory without being the same tensor; "
-                                "the EMA cannot average or swap one without corrupting the other; pass "
-                                "tensors that are either disjoint or the very same view."
-                            )
-                    spans.append((span, name))
-                with torch.no_grad():
-                    shadow_dtype = self._shadow_dtype(t) if averaged else t.dtype
-                    group_key, shadow = self._dispatch.plan(local, shadow_dtype, copy=not averaged)
-                index = len(self._entries) + len(new_entries)
-                regions[key] = index
-                new_entries.append(_Entry(owner=t, shadows=shadow, name=name, key=group_key, span=span))
-            (buffer_entry if is_buffer else param_entry).append(index)
-        return new_entries, param_entry, buffer_entry, [regions]
-
-    def _commit(self, plan: tuple, params: list[tuple[Tensor, str]], buffers: list[Tensor]) -> None:
-        new_entries, param_entry, buffer_entry, (regions,) = plan
-        with torch.no_grad():
-            for e in new_entries:
-                for shadow in e.shadows:
-                    shadow.copy_(local_shard(e.owner))
-                e.slot = self._dispatch.add(e.key, local_shard(e.owner), e.shadows, e.name, self._step)
-        self._entries.extend(new_entries)
-        self._regions = regions
-        self._params.extend(p for p, _ in params)
-        self._param_entry.extend(param_entry)
-        self._buffers.extend(buffers)
-        self._buffer_entry.extend(buffer_entry)
-
-    def _track(self, params: list[tuple[Tensor, str]], buffers: list[Tensor]) -> None:
-        self._commit(self._plan(params, buffers), params, buffers)
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer and track its parameters; on any error neither changes."""
         self._check_not_swapped("add_param_group")
@@ -316,10 +232,10 @@ class EMAOptimizerWrapper(Optimizer):
         group = dict(param_group)
         params = group["params"]
         group["params"] = [params] if isinstance(params, Tensor) else list(params)
-        named = self._named(group, len(self._params))
-        plan = self._plan(named, [])
+        named = self._tracked.named(group, len(self._tracked.params))
+        plan = self._tracked.plan(named, [])
         self.optimizer.add_param_group(group)
-        self._commit(plan, named, [])
+        self._tracked.commit(plan, named, [], self._step)
 
     # ------------------------------------------------------------------ stepping
     def _check_not_swapped(self, what: str) -> None:
@@ -411,14 +327,14 @@ class EMAOptimizerWrapper(Optimizer):
             torch.distributed.is_available()
             and torch.distributed.is_initialized()
             and torch.distributed.get_rank() != 0
-            and not any(is_dtensor(e.owner) for e in self._entries)
+            and not any(is_dtensor(e.owner) for e in self._tracked.entries)
         ):
             return  # replicas (DDP) hold the same EMA: rank 0 writes it once
         writer = self._snapshot_writer()
         names = self._snapshot_names()
         t = self._step - self.profiles.members[0].update_after_step
         for k, profile in enumerate(self.profiles.members):
-            holders = self._holders(k)
+            holders = self._tracked.holders(k)
             tensors, shards = {}, {}
             for name, (i, owner) in names.items():
                 tensors[name] = holders[i]
@@ -457,10 +373,12 @@ class EMAOptimizerWrapper(Optimizer):
                 by_id.setdefault(id(t), n)
         out: dict[str, tuple[int, Tensor]] = {}
         seen: set[int] = set()
-        items = [(p, i, f"param.{j}") for j, (p, i) in enumerate(zip(self._params, self._param_entry))]
-        items += [(b, i, f"buffer.{j}") for j, (b, i) in enumerate(zip(self._buffers, self._buffer_entry))]
+        items = [(p, i, f"param.{j}") for j, (p, i) in enumerate(zip(self._tracked.params, self._tracked.param_entry))]
+        items += [
+            (b, i, f"buffer.{j}") for j, (b, i) in enumerate(zip(self._tracked.buffers, self._tracked.buffer_entry))
+        ]
         for t, i, fallback in items:
-            if i in seen or self._dispatch.groups[self._entries[i].key].kind == "copy":
+            if i in seen or self._dispatch.groups[self._tracked.entries[i].key].kind == "copy":
                 continue
             seen.add(i)
             out[by_id.get(id(t), fallback)] = (i, t)
@@ -472,12 +390,6 @@ class EMAOptimizerWrapper(Optimizer):
             self._writer.flush()
 
     # ------------------------------------------------------------------ reading and swapping
-    def _holders(self, profile: int = 0) -> list[Tensor]:
-        """Per entry, the local tensor that holds profile ``profile``'s EMA right now."""
-        self._dispatch.join()
-        groups = self._dispatch.groups
-        return [self._dispatch.ema_holder(groups[e.key], profile)[e.slot] for e in self._entries]
-
     def _check_profile(self, profile: int) -> int:
         if isinstance(profile, bool) or not isinstance(profile, int) or not 0 <= profile < len(self.profiles):
             raise ValueError(f"profile must be an int in [0, {len(self.profiles)}), got {profile!r}")
@@ -490,13 +402,13 @@ class EMAOptimizerWrapper(Optimizer):
         :meth:`ema_weights` the EMA lives in the parameters, and the returned
         tensors are the parameters themselves where dtypes are equal.
         """
-        holders = self._holders(self._check_profile(profile))
-        return [as_global(holders[i], p) for i, p in zip(self._param_entry, self._params)]
+        holders = self._tracked.holders(self._check_profile(profile))
+        return [as_global(holders[i], p) for i, p in zip(self._tracked.param_entry, self._tracked.params)]
 
     def ema_buffers(self, profile: int = 0) -> list[Tensor]:
         """The EMA of each floating buffer and the copy of each other buffer, in the order given."""
-        holders = self._holders(self._check_profile(profile))
-        return [as_global(holders[i], b) for i, b in zip(self._buffer_entry, self._buffers)]
+        holders = self._tracked.holders(self._check_profile(profile))
+        return [as_global(holders[i], b) for i, b in zip(self._tracked.buffer_entry, self._tracked.buffers)]
 
     @torch.no_grad()
     def copy_ema_to_params(self, profile: int = 0) -> None:
@@ -564,7 +476,7 @@ class EMAOptimizerWrapper(Optimizer):
         state = self.optimizer.state_dict()
         profiles = []
         for k in range(len(self.profiles)):
-            holders = self._holders(k)
+            holders = self._tracked.holders(k)
             if self._dispatch.swapped:
                 holders = [h.clone() for h in holders]
             profiles.append(holders)
@@ -572,18 +484,20 @@ class EMAOptimizerWrapper(Optimizer):
         position = 0
         for group in state["param_groups"]:
             for key in group["params"]:
-                p = self._params[position]
+                p = self._tracked.params[position]
                 # A copy of the entry: the inner state dict's values are the optimizer's live dicts.
                 entry = dict(packed_state.get(key, {}))
                 for k, holders in enumerate(profiles):
-                    entry[_shadow_key(k)] = as_global(holders[self._param_entry[position]], p)
+                    entry[_shadow_key(k)] = as_global(holders[self._tracked.param_entry[position]], p)
                 packed_state[key] = entry
                 position += 1
             group["ema"] = self._ema_meta()
         state["state"] = packed_state
-        if self._buffers:
+        if self._tracked.buffers:
             for k, holders in enumerate(profiles):
-                state[_buffers_key(k)] = [as_global(holders[i], b) for i, b in zip(self._buffer_entry, self._buffers)]
+                state[_buffers_key(k)] = [
+                    as_global(holders[i], b) for i, b in zip(self._tracked.buffer_entry, self._tracked.buffers)
+                ]
         for hook in list(self._optimizer_state_dict_post_hooks.values()):
             result = hook(self, state)
             if result is not None:
@@ -610,12 +524,12 @@ class EMAOptimizerWrapper(Optimizer):
         with torch.no_grad():
             for k, per_profile in enumerate(shadows):
                 for position, source in enumerate(per_profile):
-                    entry = self._entries[self._param_entry[position]]
+                    entry = self._tracked.entries[self._tracked.param_entry[position]]
                     entry.shadows[min(k, len(entry.shadows) - 1)].copy_(local_shard(source))
             if buffer_shadows is not None:
                 for k, per_profile in enumerate(buffer_shadows):
                     for position, source in enumerate(per_profile):
-                        entry = self._entries[self._buffer_entry[position]]
+                        entry = self._tracked.entries[self._tracked.buffer_entry[position]]
                         entry.shadows[min(k, len(entry.shadows) - 1)].copy_(local_shard(source))
         self.profiles = profiles
         self._step = meta["step"]
@@ -662,16 +576,16 @@ class EMAOptimizerWrapper(Optimizer):
                     raise ValueError(f"EMA {kind} must be a list, got {type(meta[kind]).__name__}")
             shadows = meta["shadows"]
             floats, others = iter(meta["buffer_shadows"]), iter(meta["other_buffer_shadows"])
-            n_float = sum(b.is_floating_point() for b in self._buffers)
+            n_float = sum(b.is_floating_point() for b in self._tracked.buffers)
             if (
                 len(meta["buffer_shadows"]) != n_float
-                or len(meta["other_buffer_shadows"]) != len(self._buffers) - n_float
+                or len(meta["other_buffer_shadows"]) != len(self._tracked.buffers) - n_float
             ):
                 raise ValueError(
                     f"state dict has {len(meta['buffer_shadows'])} + {len(meta['other_buffer_shadows'])} buffer "
-                    f"shadows, this wrapper tracks {len(self._buffers)} buffers"
+                    f"shadows, this wrapper tracks {len(self._tracked.buffers)} buffers"
                 )
-            buffer_shadows = [[next(floats) if b.is_floating_point() else next(others) for b in self._buffers]]
+            buffer_shadows = [[next(floats) if b.is_floating_point() else next(others) for b in self._tracked.buffers]]
             shadows = [shadows]
             meta = {**meta, "skipped_updates": 0}
             inner = {k: v for k, v in state_dict.items() if k != "ema"}
@@ -695,23 +609,24 @@ class EMAOptimizerWrapper(Optimizer):
                 for k in range(n_saved):
                     if not isinstance(entry, Mapping) or _shadow_key(k) not in entry:
                         raise ValueError(
-                            f"state dict has no {_shadow_key(k)!r} for {self._entry_name(position)} (key {key!r})"
+                            f"state dict has no {_shadow_key(k)!r} for {self._tracked.entry_name(position)} "
+                            f"(key {key!r})"
                         )
                     shadows[k].append(entry[_shadow_key(k)])
             buffer_shadows = [state_dict.get(_buffers_key(k)) for k in range(n_saved)]
             if any(b is None for b in buffer_shadows):
                 buffer_shadows = None
-            if buffer_shadows is None and self._buffers:
+            if buffer_shadows is None and self._tracked.buffers:
                 warnings.warn(
                     "the state dict has no buffer EMAs ('ema_buffers'; torch.distributed.checkpoint's helpers "
                     "carry only per-parameter state): the tracked buffers keep their current EMA",
                     stacklevel=3,
                 )
             for per_profile in buffer_shadows or []:
-                if not isinstance(per_profile, list) or len(per_profile) != len(self._buffers):
+                if not isinstance(per_profile, list) or len(per_profile) != len(self._tracked.buffers):
                     n = len(per_profile) if isinstance(per_profile, list) else type(per_profile).__name__
                     raise ValueError(
-                        f"state dict has {n} buffer shadows, this wrapper tracks {len(self._buffers)} buffers"
+                        f"state dict has {n} buffer shadows, this wrapper tracks {len(self._tracked.buffers)} buffers"
                     )
             strip = {k: {n: v for n, v in e.items() if not _is_shadow_key(n)} for k, e in state.items()}
             inner = {
@@ -742,20 +657,17 @@ class EMAOptimizerWrapper(Optimizer):
         if len(profiles) != len(self.profiles):
             raise ValueError(f"state dict has {len(profiles)} EMA profiles, this wrapper tracks {len(self.profiles)}")
         for k, per_profile in enumerate(shadows):
-            if not isinstance(per_profile, list) or len(per_profile) != len(self._params):
+            if not isinstance(per_profile, list) or len(per_profile) != len(self._tracked.params):
                 n = len(per_profile) if isinstance(per_profile, list) else type(per_profile).__name__
-                raise ValueError(f"state dict has {n} shadows, this wrapper tracks {len(self._params)}")
-            for position, (s, p) in enumerate(zip(per_profile, self._params)):
+                raise ValueError(f"state dict has {n} shadows, this wrapper tracks {len(self._tracked.params)}")
+            for position, (s, p) in enumerate(zip(per_profile, self._tracked.params)):
                 where = f"shadows[{position}]" if k == 0 else f"profile {k} shadows[{position}]"
                 self._check_shadow(s, p, where, averaged=True)
         for k, per_profile in enumerate(buffer_shadows or []):
-            for position, (s, b) in enumerate(zip(per_profile, self._buffers)):
+            for position, (s, b) in enumerate(zip(per_profile, self._tracked.buffers)):
                 where = f"buffer_shadows[{position}]" if k == 0 else f"profile {k} buffer_shadows[{position}]"
                 self._check_shadow(s, b, where, averaged=b.is_floating_point() or b.is_complex())
         return inner, meta, shadows, buffer_shadows, profiles
-
-    def _entry_name(self, position: int) -> str:
-        return self._entries[self._param_entry[position]].name
 
     @staticmethod
     def _check_shadow(s: Any, ours: Tensor, kind: str, averaged: bool) -> None:
@@ -795,11 +707,7 @@ class EMAOptimizerWrapper(Optimizer):
             "backend": self.backend,
             "ema_device": self._dispatch.ema_device,
             "skip_nonfinite": self._dispatch.skip_nonfinite,
-            "params": self._params,
-            "param_entry": self._param_entry,
-            "buffers": self._buffers,
-            "buffer_entry": self._buffer_entry,
-            "entries": [(e.owner, e.shadows, e.name) for e in self._entries],
+            **self._tracked.pickled(),
             "step": self.num_steps,
             "skipped_updates": self.skipped_updates,
         }
@@ -813,21 +721,11 @@ class EMAOptimizerWrapper(Optimizer):
         self.backend = state["backend"]
         self._init_hooks()
         self._step = state["step"]
-        self._params = list(state["params"])
-        self._param_entry = list(state["param_entry"])
-        self._buffers = list(state["buffers"])
-        self._buffer_entry = list(state["buffer_entry"])
         self._dispatch = Dispatcher(
             self.backend, state["ema_device"], state["skip_nonfinite"], n_profiles=len(self.profiles)
         )
-        self._entries, self._regions = [], {}
-        for owner, shadows, name in state["entries"]:
-            local = local_shard(owner)
-            averaged = owner.is_floating_point() or owner.is_complex()
-            key, _ = self._dispatch.plan(local, shadows[0].dtype, copy=not averaged)
-            slot = self._dispatch.add(key, local, shadows, name, self._step)
-            self._regions[_region_key(local)] = len(self._entries)
-            self._entries.append(_Entry(owner=owner, shadows=shadows, name=name, key=key, span=_span(local), slot=slot))
+        self._tracked = Tracker(self._dispatch, self.ema_dtype)
+        self._tracked.unpickle(state, self._step)
         self._dispatch.set_skipped(state["skipped_updates"])
 
     # ------------------------------------------------------------------ display
@@ -846,18 +744,6 @@ class EMAOptimizerWrapper(Optimizer):
             f"ema_dtype={self.ema_dtype}, backend={self.backend!r}, ema_device={self._dispatch.ema_device}, "
             f"skip_nonfinite={self._dispatch.skip_nonfinite}, steps={self._step})(\n{inner}\n)"
         )
-
-
-@dataclass
-class _Entry:
-    """One tracked memory region: the tensor the user gave (``owner``) and its shadows (one per profile)."""
-
-    owner: Tensor
-    shadows: list[Tensor]
-    name: str
-    key: tuple
-    span: tuple | None
-    slot: int = -1  # its place in the dispatcher's group
 
 
 @dataclass
@@ -931,21 +817,6 @@ def _shard_info(t: Tensor) -> dict[str, Any] | None:
         return {"dim": dims[0], "offset": int(offset[dims[0]]), "global_shape": list(t.shape)}
     except Exception:  # noqa: BLE001 - placement details vary across torch versions; snapshots work without
         return None
-
-
-def _region_key(t: Tensor) -> tuple:
-    """Equal exactly for tensors that are the same view of the same memory."""
-    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-
-
-def _span(t: Tensor) -> tuple | None:
-    """``(device, first byte, end byte)`` of the memory ``t`` can reach, or None when it holds no elements."""
-    if t.numel() == 0:
-        return None
-    size = t.element_size()
-    low = sum(min(0, (n - 1) * st) for n, st in zip(t.shape, t.stride())) * size
-    high = (sum(max(0, (n - 1) * st) for n, st in zip(t.shape, t.stride())) + 1) * size
-    return (t.device, t.data_ptr() + low, t.data_ptr() + high)
 
 
 def _lr_is_zero(groups: list[dict[str, Any]]) -> bool:
