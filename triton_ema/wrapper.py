@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import sys
-import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -15,12 +13,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from triton_ema import checkpoint
 from triton_ema.dispatch import BACKENDS, Dispatcher
-from triton_ema.schedules import PowerProfile, ProfileSet, Schedule, profile_from_dict
+from triton_ema.schedules import PowerProfile, ProfileSet, Schedule
 from triton_ema.tracking import Tracker
-from triton_ema.util import as_global, is_dtensor, local_shard
+from triton_ema.util import as_global, is_dtensor
 
-_FORMAT_VERSION = 2
 _UNSET: Any = object()
 
 
@@ -270,7 +268,11 @@ class EMAOptimizerWrapper(Optimizer):
 
     def _step_once(self, closure: Callable[[], Any] | None) -> Any:
         self._check_not_swapped("step")
-        if not self.optimizer.state and _lr_is_zero(self.optimizer.param_groups) and _initialising_state():
+        if (
+            not self.optimizer.state
+            and checkpoint.lr_is_zero(self.optimizer.param_groups)
+            and checkpoint.initialising_state()
+        ):
             # torch.distributed.checkpoint creates optimizer state by stepping with zero
             # gradients and learning rates; that is not a training step.
             return self.optimizer.step() if closure is None else self.optimizer.step(closure)
@@ -448,15 +450,6 @@ class EMAOptimizerWrapper(Optimizer):
         self._dispatch.restore_trained()
 
     # ------------------------------------------------------------------ checkpoints
-    def _ema_meta(self) -> dict[str, Any]:
-        return {
-            "format_version": _FORMAT_VERSION,
-            "step": self.num_steps,
-            "skipped_updates": self.skipped_updates,
-            "schedule": self.schedule.to_dict(),
-            "profiles": self.profiles.to_list(),
-        }
-
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict, with the EMA in it.
 
@@ -473,31 +466,7 @@ class EMAOptimizerWrapper(Optimizer):
         for hook in list(self._optimizer_state_dict_pre_hooks.values()):
             hook(self)
         self.flush()
-        state = self.optimizer.state_dict()
-        profiles = []
-        for k in range(len(self.profiles)):
-            holders = self._tracked.holders(k)
-            if self._dispatch.swapped:
-                holders = [h.clone() for h in holders]
-            profiles.append(holders)
-        packed_state = dict(state["state"])
-        position = 0
-        for group in state["param_groups"]:
-            for key in group["params"]:
-                p = self._tracked.params[position]
-                # A copy of the entry: the inner state dict's values are the optimizer's live dicts.
-                entry = dict(packed_state.get(key, {}))
-                for k, holders in enumerate(profiles):
-                    entry[_shadow_key(k)] = as_global(holders[self._tracked.param_entry[position]], p)
-                packed_state[key] = entry
-                position += 1
-            group["ema"] = self._ema_meta()
-        state["state"] = packed_state
-        if self._tracked.buffers:
-            for k, holders in enumerate(profiles):
-                state[_buffers_key(k)] = [
-                    as_global(holders[i], b) for i, b in zip(self._tracked.buffer_entry, self._tracked.buffers)
-                ]
+        state = checkpoint.pack(self, self.optimizer.state_dict())
         for hook in list(self._optimizer_state_dict_post_hooks.values()):
             result = hook(self, state)
             if result is not None:
@@ -517,216 +486,21 @@ class EMAOptimizerWrapper(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        inner, meta, shadows, buffer_shadows, profiles = self._parse(state_dict)
-
-        self._dispatch.join()
-        self.optimizer.load_state_dict(inner)
-        with torch.no_grad():
-            for k, per_profile in enumerate(shadows):
-                for position, source in enumerate(per_profile):
-                    entry = self._tracked.entries[self._tracked.param_entry[position]]
-                    entry.shadows[min(k, len(entry.shadows) - 1)].copy_(local_shard(source))
-            if buffer_shadows is not None:
-                for k, per_profile in enumerate(buffer_shadows):
-                    for position, source in enumerate(per_profile):
-                        entry = self._tracked.entries[self._tracked.buffer_entry[position]]
-                        entry.shadows[min(k, len(entry.shadows) - 1)].copy_(local_shard(source))
-        self.profiles = profiles
-        self._step = meta["step"]
+        checkpoint.load(self, *checkpoint.parse(self, state_dict))
         if self._snapshot.every is not None:
             # A run resumed from here drops what an abandoned run snapshotted after it.
             self._snapshot_writer().discard_after(self._step)
-        self._dispatch.set_step(self._step)
-        self._dispatch.set_skipped(meta["skipped_updates"])
         for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
             hook(self)
-
-    def _parse(self, state_dict: Any) -> tuple[dict, dict, list[list[Tensor]], list[list[Tensor]] | None, ProfileSet]:
-        """Split a state dict into the inner optimizer's part and the EMA, checking everything."""
-        if not isinstance(state_dict, Mapping):
-            raise ValueError(f"state dict must be a mapping, got {type(state_dict).__name__}")
-        state, groups = state_dict.get("state"), state_dict.get("param_groups")
-        if not isinstance(state, Mapping):
-            raise ValueError("state dict has no 'state' mapping: it is not an optimizer state dict")
-        if not isinstance(groups, list):
-            raise ValueError("state dict has no 'param_groups' list: it is not an optimizer state dict")
-        if len(groups) != len(self.param_groups):
-            raise ValueError(
-                f"state dict has {len(groups)} parameter groups, this optimizer has {len(self.param_groups)}"
-            )
-        for i, (saved, ours) in enumerate(zip(groups, self.param_groups)):
-            if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
-                raise ValueError(f"parameter group {i} in the state dict is not a dict with a 'params' list")
-            if len(saved["params"]) != len(ours["params"]):
-                raise ValueError(
-                    f"parameter group {i} has {len(saved['params'])} parameters in the state dict, "
-                    f"{len(ours['params'])} here"
-                )
-        keys = [k for g in groups for k in g["params"]]
-
-        if "ema" in state_dict:  # format 1
-            meta = state_dict["ema"]
-            if not isinstance(meta, Mapping) or meta.get("format_version") != 1:
-                raise ValueError("the state dict's 'ema' entry is not an EMA state of format 1")
-            missing = {"step", "schedule", "shadows", "buffer_shadows", "other_buffer_shadows"} - meta.keys()
-            if missing:
-                raise ValueError(f"EMA state is missing {sorted(missing)}")
-            for kind in ("shadows", "buffer_shadows", "other_buffer_shadows"):
-                if not isinstance(meta[kind], list):
-                    raise ValueError(f"EMA {kind} must be a list, got {type(meta[kind]).__name__}")
-            shadows = meta["shadows"]
-            floats, others = iter(meta["buffer_shadows"]), iter(meta["other_buffer_shadows"])
-            n_float = sum(b.is_floating_point() for b in self._tracked.buffers)
-            if (
-                len(meta["buffer_shadows"]) != n_float
-                or len(meta["other_buffer_shadows"]) != len(self._tracked.buffers) - n_float
-            ):
-                raise ValueError(
-                    f"state dict has {len(meta['buffer_shadows'])} + {len(meta['other_buffer_shadows'])} buffer "
-                    f"shadows, this wrapper tracks {len(self._tracked.buffers)} buffers"
-                )
-            buffer_shadows = [[next(floats) if b.is_floating_point() else next(others) for b in self._tracked.buffers]]
-            shadows = [shadows]
-            meta = {**meta, "skipped_updates": 0}
-            inner = {k: v for k, v in state_dict.items() if k != "ema"}
-        else:
-            metas = [g.get("ema") for g in groups]
-            if not metas or not isinstance(metas[0], Mapping):
-                raise ValueError(
-                    "state dict has no EMA in it: it was not saved by EMAOptimizerWrapper "
-                    "(to load only the wrapped optimizer's state, call wrapper.optimizer.load_state_dict)"
-                )
-            meta = metas[0]
-            if any(m != meta for m in metas[1:]):
-                raise ValueError("the parameter groups of the state dict disagree about the EMA's step or schedule")
-            if meta.get("format_version") != _FORMAT_VERSION:
-                raise ValueError(f"unknown EMA state format {meta.get('format_version')!r}; expected {_FORMAT_VERSION}")
-            meta = {"skipped_updates": 0, **meta}
-            n_saved = len(meta["profiles"]) if isinstance(meta.get("profiles"), list) else 1
-            shadows = [[] for _ in range(n_saved)]
-            for position, key in enumerate(keys):
-                entry = state.get(key)
-                for k in range(n_saved):
-                    if not isinstance(entry, Mapping) or _shadow_key(k) not in entry:
-                        raise ValueError(
-                            f"state dict has no {_shadow_key(k)!r} for {self._tracked.entry_name(position)} "
-                            f"(key {key!r})"
-                        )
-                    shadows[k].append(entry[_shadow_key(k)])
-            buffer_shadows = [state_dict.get(_buffers_key(k)) for k in range(n_saved)]
-            if any(b is None for b in buffer_shadows):
-                buffer_shadows = None
-            if buffer_shadows is None and self._tracked.buffers:
-                warnings.warn(
-                    "the state dict has no buffer EMAs ('ema_buffers'; torch.distributed.checkpoint's helpers "
-                    "carry only per-parameter state): the tracked buffers keep their current EMA",
-                    stacklevel=3,
-                )
-            for per_profile in buffer_shadows or []:
-                if not isinstance(per_profile, list) or len(per_profile) != len(self._tracked.buffers):
-                    n = len(per_profile) if isinstance(per_profile, list) else type(per_profile).__name__
-                    raise ValueError(
-                        f"state dict has {n} buffer shadows, this wrapper tracks {len(self._tracked.buffers)} buffers"
-                    )
-            strip = {k: {n: v for n, v in e.items() if not _is_shadow_key(n)} for k, e in state.items()}
-            inner = {
-                k: v
-                for k, v in state_dict.items()
-                if k not in ("state", "param_groups") and not (isinstance(k, str) and k.startswith("ema_buffers"))
-            }
-            inner["state"] = {k: v for k, v in strip.items() if v}
-            inner["param_groups"] = [{n: v for n, v in g.items() if n != "ema"} for g in groups]
-
-        step, skipped = meta.get("step"), meta.get("skipped_updates")
-        for name, value in (("step", step), ("skipped_updates", skipped)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"EMA {name} must be a non-negative int, got {value!r}")
-        saved_profiles = meta.get("profiles")
-        if saved_profiles is None:
-            if not isinstance(meta.get("schedule"), Mapping):
-                raise ValueError("EMA state has no schedule")
-            saved_profiles = [{"kind": "decay", **meta["schedule"]}]
-        if not isinstance(saved_profiles, list) or not all(isinstance(d, Mapping) for d in saved_profiles):
-            raise ValueError("EMA profiles in the state dict must be a list of dicts")
-        try:
-            profiles = ProfileSet(tuple(profile_from_dict(d) for d in saved_profiles))
-            if isinstance(meta.get("schedule"), Mapping) and profile_from_dict(meta["schedule"]) != profiles.members[0]:
-                raise ValueError("its 'schedule' and first profile differ")
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"EMA schedule in the state dict is invalid: {e}") from e
-        if len(profiles) != len(self.profiles):
-            raise ValueError(f"state dict has {len(profiles)} EMA profiles, this wrapper tracks {len(self.profiles)}")
-        for k, per_profile in enumerate(shadows):
-            if not isinstance(per_profile, list) or len(per_profile) != len(self._tracked.params):
-                n = len(per_profile) if isinstance(per_profile, list) else type(per_profile).__name__
-                raise ValueError(f"state dict has {n} shadows, this wrapper tracks {len(self._tracked.params)}")
-            for position, (s, p) in enumerate(zip(per_profile, self._tracked.params)):
-                where = f"shadows[{position}]" if k == 0 else f"profile {k} shadows[{position}]"
-                self._check_shadow(s, p, where, averaged=True)
-        for k, per_profile in enumerate(buffer_shadows or []):
-            for position, (s, b) in enumerate(zip(per_profile, self._tracked.buffers)):
-                where = f"buffer_shadows[{position}]" if k == 0 else f"profile {k} buffer_shadows[{position}]"
-                self._check_shadow(s, b, where, averaged=b.is_floating_point() or b.is_complex())
-        return inner, meta, shadows, buffer_shadows, profiles
-
-    @staticmethod
-    def _check_shadow(s: Any, ours: Tensor, kind: str, averaged: bool) -> None:
-        if not isinstance(s, Tensor):
-            raise ValueError(f"{kind} in the state dict is a {type(s).__name__}, not a tensor")
-        if s.device.type == "meta":
-            raise ValueError(f"{kind} in the state dict is on the meta device: it holds no values")
-        if s.shape != ours.shape:
-            raise ValueError(f"{kind} has shape {tuple(s.shape)} in the state dict, {tuple(ours.shape)} here")
-        if local_shard(s).shape != local_shard(ours).shape:
-            raise ValueError(
-                f"{kind} has local shard shape {tuple(local_shard(s).shape)} in the state dict, "
-                f"{tuple(local_shard(ours).shape)} here"
-            )
-        if averaged:
-            if ours.is_complex() and not s.is_complex():
-                raise ValueError(
-                    f"{kind} has dtype {s.dtype} in the state dict; a complex parameter needs a complex EMA"
-                )
-            if not ours.is_complex() and not s.is_floating_point():
-                raise ValueError(
-                    f"{kind} has dtype {s.dtype} in the state dict; an EMA of real values must be floating"
-                )
-        elif s.dtype != ours.dtype:
-            raise ValueError(f"{kind} has dtype {s.dtype} in the state dict, {ours.dtype} here")
 
     # ------------------------------------------------------------------ copying and pickling
     def __getstate__(self) -> dict[str, Any]:
         if self._dispatch.swapped:
             raise RuntimeError("cannot copy or pickle the wrapper inside ema_weights(); leave the context first")
-        self._dispatch.join()
-        return {
-            "optimizer": self.optimizer,
-            "profiles": self.profiles.members,
-            "snapshot": self._snapshot,
-            "ema_dtype": self.ema_dtype,
-            "backend": self.backend,
-            "ema_device": self._dispatch.ema_device,
-            "skip_nonfinite": self._dispatch.skip_nonfinite,
-            **self._tracked.pickled(),
-            "step": self.num_steps,
-            "skipped_updates": self.skipped_updates,
-        }
+        return checkpoint.pickled(self)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.optimizer = state["optimizer"]
-        self.profiles = ProfileSet(tuple(state["profiles"]))
-        self._snapshot = state["snapshot"]
-        self._writer = None
-        self.ema_dtype = state["ema_dtype"]
-        self.backend = state["backend"]
-        self._init_hooks()
-        self._step = state["step"]
-        self._dispatch = Dispatcher(
-            self.backend, state["ema_device"], state["skip_nonfinite"], n_profiles=len(self.profiles)
-        )
-        self._tracked = Tracker(self._dispatch, self.ema_dtype)
-        self._tracked.unpickle(state, self._step)
-        self._dispatch.set_skipped(state["skipped_updates"])
+        checkpoint.unpickle(self, state)
 
     # ------------------------------------------------------------------ display
     def __repr__(self) -> str:
@@ -790,18 +564,6 @@ def _profiles(
     return ProfileSet(members)
 
 
-def _shadow_key(k: int) -> str:
-    return "ema_shadow" if k == 0 else f"ema_shadow_{k}"
-
-
-def _buffers_key(k: int) -> str:
-    return "ema_buffers" if k == 0 else f"ema_buffers_{k}"
-
-
-def _is_shadow_key(name: Any) -> bool:
-    return isinstance(name, str) and (name == "ema_shadow" or name.startswith("ema_shadow_"))
-
-
 def _shard_info(t: Tensor) -> dict[str, Any] | None:
     """Where a DTensor's local shard sits in the full tensor (one sharded dimension), for snapshots."""
     if not is_dtensor(t):
@@ -817,32 +579,3 @@ def _shard_info(t: Tensor) -> dict[str, Any] | None:
         return {"dim": dims[0], "offset": int(offset[dims[0]]), "global_shape": list(t.shape)}
     except Exception:  # noqa: BLE001 - placement details vary across torch versions; snapshots work without
         return None
-
-
-def _lr_is_zero(groups: list[dict[str, Any]]) -> bool:
-    """What the state initialisation below sets first: a cheap test before looking at frames."""
-    lr = groups[0].get("lr") if groups else None
-    if isinstance(lr, Tensor):
-        # Reading a CUDA lr would wait for the device; the helper sets a CPU tensor anyway.
-        return lr.device.type == "cpu" and not bool(lr != 0)
-    return lr is not None and lr == 0
-
-
-def _initialising_state() -> bool:
-    """True when the caller is torch.distributed.checkpoint's optimizer-state initialisation.
-
-    ``_init_optim_state`` steps a fresh optimizer once with zero gradients and
-    learning rates so that its state exists before loading; counting that as an
-    EMA step would move the average and the step count. It is recognised by its
-    frame (a few levels up, past wrappers such as an LR scheduler's step counter).
-    """
-    frame = sys._getframe(2)
-    for _ in range(6):
-        if frame is None:
-            return False
-        if frame.f_code.co_name == "_init_optim_state" and frame.f_globals.get("__name__", "").startswith(
-            "torch.distributed.checkpoint"
-        ):
-            return True
-        frame = frame.f_back
-    return False
