@@ -264,7 +264,7 @@ def test_state_dict_flushes_snapshots(tmp_path, monkeypatch):
     opt = EMAOptimizerWrapper(torch.optim.SGD([p], lr=0.1), sigma_rel=0.1, snapshot_every=1, snapshot_dir=tmp_path)
     flushed = []
     opt.update_ema()
-    monkeypatch.setattr(opt._writer, "flush", lambda: flushed.append(True))
+    monkeypatch.setattr(opt._snapshots.writer, "flush", lambda: flushed.append(True))
     opt.state_dict()
     assert flushed == [True]
 

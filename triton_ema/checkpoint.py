@@ -37,6 +37,7 @@ from torch import Tensor
 
 from triton_ema.dispatch import Dispatcher
 from triton_ema.schedules import ProfileSet, profile_from_dict
+from triton_ema.snapshot import SnapshotSchedule
 from triton_ema.tracking import Tracker
 from triton_ema.util import as_global, local_shard
 
@@ -275,7 +276,7 @@ def pickled(opt: Any) -> dict[str, Any]:
     return {
         "optimizer": opt.optimizer,
         "profiles": opt.profiles.members,
-        "snapshot": opt._snapshot,
+        "snapshot": opt._snapshots.config,
         "ema_dtype": opt.ema_dtype,
         "backend": opt.backend,
         "ema_device": opt._dispatch.ema_device,
@@ -290,8 +291,7 @@ def unpickle(opt: Any, state: dict[str, Any]) -> None:
     """Rebuild a wrapper (``opt``, made without ``__init__``) from :func:`pickled`'s state."""
     opt.optimizer = state["optimizer"]
     opt.profiles = ProfileSet(tuple(state["profiles"]))
-    opt._snapshot = state["snapshot"]
-    opt._writer = None
+    opt._snapshots = SnapshotSchedule(state["snapshot"])
     opt.ema_dtype = state["ema_dtype"]
     opt.backend = state["backend"]
     opt._init_hooks()

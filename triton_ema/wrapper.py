@@ -6,7 +6,6 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,8 +15,9 @@ from torch.optim import Optimizer
 from triton_ema import checkpoint
 from triton_ema.dispatch import BACKENDS, Dispatcher
 from triton_ema.schedules import PowerProfile, ProfileSet, Schedule
+from triton_ema.snapshot import SnapshotConfig, SnapshotSchedule
 from triton_ema.tracking import Tracker
-from triton_ema.util import as_global, is_dtensor
+from triton_ema.util import as_global
 
 _UNSET: Any = object()
 
@@ -173,8 +173,7 @@ class EMAOptimizerWrapper(Optimizer):
         self.backend = backend
         self._init_hooks()
         self._step = 0
-        self._snapshot = _SnapshotConfig(snapshot_every, snapshot_dir, snapshot_dtype, model)
-        self._writer = None
+        self._snapshots = SnapshotSchedule(SnapshotConfig(snapshot_every, snapshot_dir, snapshot_dtype, model))
         self._dispatch = Dispatcher(backend, ema_device, skip_nonfinite, n_profiles=len(profiles))
         self._tracked = Tracker(self._dispatch, ema_dtype)
         self._tracked.track(self._tracked.all_params(self.param_groups), buffers, self._step)
@@ -293,8 +292,7 @@ class EMAOptimizerWrapper(Optimizer):
         # detached views (no autograd context needed).
         self._dispatch.update(self._step + 1, self.profiles)
         self._step += 1
-        if self._snapshot.every is not None:
-            self._maybe_snapshot()
+        self._snapshots.after_update(self._step, self.profiles, self._tracked, self.param_groups)
 
     # Runs eagerly even when step() is traced by torch.compile: dynamo would drop the
     # step-count mutation on the optimizer object, and the kernels launch on their own.
@@ -320,76 +318,9 @@ class EMAOptimizerWrapper(Optimizer):
         """The decay the next step will use, or ``None`` if it makes no update."""
         return self.schedule.decay_at(self.num_steps + 1)
 
-    # ------------------------------------------------------------------ snapshots
-    def _maybe_snapshot(self) -> None:
-        every = self.profiles.update_every
-        if self._step % every or (self._step // every) % self._snapshot.every:
-            return
-        if (
-            torch.distributed.is_available()
-            and torch.distributed.is_initialized()
-            and torch.distributed.get_rank() != 0
-            and not any(is_dtensor(e.owner) for e in self._tracked.entries)
-        ):
-            return  # replicas (DDP) hold the same EMA: rank 0 writes it once
-        writer = self._snapshot_writer()
-        names = self._snapshot_names()
-        t = self._step - self.profiles.members[0].update_after_step
-        for k, profile in enumerate(self.profiles.members):
-            holders = self._tracked.holders(k)
-            tensors, shards = {}, {}
-            for name, (i, owner) in names.items():
-                tensors[name] = holders[i]
-                shard = _shard_info(owner)
-                if shard is not None:
-                    shards[name] = shard
-            writer.submit(
-                self._step,
-                t,
-                profile.gamma,
-                profile.sigma_rel,
-                k,
-                tensors,
-                dtype=self._snapshot.dtype,
-                shards=shards or None,
-            )
-
-    def _snapshot_writer(self):
-        if self._writer is None:
-            from triton_ema.snapshot import SnapshotWriter
-
-            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-            self._writer = SnapshotWriter(self._snapshot.dir, rank=rank)
-        return self._writer
-
-    def _snapshot_names(self) -> dict[str, tuple[int, Tensor]]:
-        """Snapshot tensor name -> (entry, tracked tensor): parameter names where known, else positions."""
-        by_id: dict[int, str] = {}
-        for group in self.param_groups:
-            names = group.get("param_names")
-            if isinstance(names, (list, tuple)) and len(names) == len(group["params"]):
-                by_id.update({id(p): n for p, n in zip(group["params"], names)})
-        model = self._snapshot.model
-        if model is not None:
-            for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-                by_id.setdefault(id(t), n)
-        out: dict[str, tuple[int, Tensor]] = {}
-        seen: set[int] = set()
-        items = [(p, i, f"param.{j}") for j, (p, i) in enumerate(zip(self._tracked.params, self._tracked.param_entry))]
-        items += [
-            (b, i, f"buffer.{j}") for j, (b, i) in enumerate(zip(self._tracked.buffers, self._tracked.buffer_entry))
-        ]
-        for t, i, fallback in items:
-            if i in seen or self._dispatch.groups[self._tracked.entries[i].key].kind == "copy":
-                continue
-            seen.add(i)
-            out[by_id.get(id(t), fallback)] = (i, t)
-        return out
-
     def flush(self) -> None:
         """Return once every snapshot taken so far is on disk; raises if writing one failed."""
-        if self._writer is not None:
-            self._writer.flush()
+        self._snapshots.flush()
 
     # ------------------------------------------------------------------ reading and swapping
     def _check_profile(self, profile: int) -> int:
@@ -487,9 +418,7 @@ class EMAOptimizerWrapper(Optimizer):
             if result is not None:
                 state_dict = result
         checkpoint.load(self, *checkpoint.parse(self, state_dict))
-        if self._snapshot.every is not None:
-            # A run resumed from here drops what an abandoned run snapshotted after it.
-            self._snapshot_writer().discard_after(self._step)
+        self._snapshots.resumed_at(self._step)
         for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
             hook(self)
 
@@ -518,14 +447,6 @@ class EMAOptimizerWrapper(Optimizer):
             f"ema_dtype={self.ema_dtype}, backend={self.backend!r}, ema_device={self._dispatch.ema_device}, "
             f"skip_nonfinite={self._dispatch.skip_nonfinite}, steps={self._step})(\n{inner}\n)"
         )
-
-
-@dataclass
-class _SnapshotConfig:
-    every: int | None
-    dir: str | os.PathLike | None
-    dtype: torch.dtype | None
-    model: torch.nn.Module | None
 
 
 def _profiles(
@@ -562,20 +483,3 @@ def _profiles(
             Schedule(d, warmup, warmup_gamma, warmup_power, min_decay, update_after_step, update_every) for d in decays
         )
     return ProfileSet(members)
-
-
-def _shard_info(t: Tensor) -> dict[str, Any] | None:
-    """Where a DTensor's local shard sits in the full tensor (one sharded dimension), for snapshots."""
-    if not is_dtensor(t):
-        return None
-    try:
-        from torch.distributed.tensor import Shard
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        dims = [p.dim for p in t.placements if isinstance(p, Shard)]
-        if len(set(dims)) != 1:
-            return None
-        _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-        return {"dim": dims[0], "offset": int(offset[dims[0]]), "global_shape": list(t.shape)}
-    except Exception:  # noqa: BLE001 - placement details vary across torch versions; snapshots work without
-        return None
