@@ -37,7 +37,7 @@ from torch import Tensor
 
 from triton_ema.dispatch import Dispatcher
 from triton_ema.schedules import ProfileSet, profile_from_dict
-from triton_ema.snapshot import SnapshotSchedule
+from triton_ema.snapshot_schedule import SnapshotSchedule
 from triton_ema.tracking import Tracker
 from triton_ema.util import as_global, local_shard
 

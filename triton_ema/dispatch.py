@@ -20,10 +20,14 @@ from triton_ema import reference
 from triton_ema.exchange import Swap
 from triton_ema.groups import Group, OffloadedGroup, real_view
 from triton_ema.kernels import HAS_TRITON, KERNEL_DTYPES, interpreting
+from triton_ema.kernels import MAX_PROFILES as _KERNEL_MAX_PROFILES
 from triton_ema.reference import is_dense
 from triton_ema.schedules import ProfileSet
 
 BACKENDS = ("auto", "triton", "torch")
+
+#: The most EMA profiles one wrapper keeps: the fused K-profile kernel takes one address argument each.
+MAX_PROFILES = _KERNEL_MAX_PROFILES
 
 #: The per-update check reads address, dtype, element count and strides (building a ``torch.Size`` per
 #: tensor would cost about four times more). Any change of storage, device, dtype, length or layout shows

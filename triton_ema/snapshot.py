@@ -52,16 +52,10 @@ import threading
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
-
-from triton_ema.util import is_dtensor
-
-if TYPE_CHECKING:  # annotations only: reading snapshots back (posthoc) needs none of the training side
-    from triton_ema.schedules import ProfileSet
-    from triton_ema.tracking import Tracker
 
 FORMAT = "triton-ema-snapshots"
 VERSION = 1
@@ -387,115 +381,3 @@ class SnapshotWriter:
             import warnings
 
             warnings.warn(f"triton-ema: a snapshot write failed at exit: {exc!r}", stacklevel=1)
-
-
-@dataclass
-class SnapshotConfig:
-    """What the wrapper was asked for: a snapshot every ``every`` updates into ``dir``, stored as ``dtype``."""
-
-    every: int | None
-    dir: str | os.PathLike | None
-    dtype: torch.dtype | None
-    model: torch.nn.Module | None
-
-
-class SnapshotSchedule:
-    """When the wrapper's snapshots are taken and what their tensors are called; owns the writer."""
-
-    def __init__(self, config: SnapshotConfig) -> None:
-        self.config = config
-        self.writer: SnapshotWriter | None = None
-
-    def after_update(
-        self, step: int, profiles: ProfileSet, tracked: Tracker, param_groups: list[dict[str, Any]]
-    ) -> None:
-        """Take a snapshot of every profile if update ``step`` is one that has one."""
-        if self.config.every is None:
-            return
-        every = profiles.update_every
-        if step % every or (step // every) % self.config.every:
-            return
-        if (
-            torch.distributed.is_available()
-            and torch.distributed.is_initialized()
-            and torch.distributed.get_rank() != 0
-            and not any(is_dtensor(e.owner) for e in tracked.entries)
-        ):
-            return  # replicas (DDP) hold the same EMA: rank 0 writes it once
-        writer = self._writer()
-        names = self.names(tracked, param_groups)
-        t = step - profiles.members[0].update_after_step
-        for k, profile in enumerate(profiles.members):
-            holders = tracked.holders(k)
-            tensors, shards = {}, {}
-            for name, (i, owner) in names.items():
-                tensors[name] = holders[i]
-                shard = shard_info(owner)
-                if shard is not None:
-                    shards[name] = shard
-            writer.submit(
-                step,
-                t,
-                profile.gamma,
-                profile.sigma_rel,
-                k,
-                tensors,
-                dtype=self.config.dtype,
-                shards=shards or None,
-            )
-
-    def _writer(self) -> SnapshotWriter:
-        if self.writer is None:
-            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-            self.writer = SnapshotWriter(self.config.dir, rank=rank)
-        return self.writer
-
-    def names(self, tracked: Tracker, param_groups: list[dict[str, Any]]) -> dict[str, tuple[int, Tensor]]:
-        """Snapshot tensor name -> (entry, tracked tensor): parameter names where known, else positions."""
-        by_id: dict[int, str] = {}
-        for group in param_groups:
-            names = group.get("param_names")
-            if isinstance(names, (list, tuple)) and len(names) == len(group["params"]):
-                by_id.update({id(p): n for p, n in zip(group["params"], names)})
-        model = self.config.model
-        if model is not None:
-            for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-                by_id.setdefault(id(t), n)
-        out: dict[str, tuple[int, Tensor]] = {}
-        seen: set[int] = set()
-        items = [(p, i, f"param.{j}") for j, (p, i) in enumerate(zip(tracked.params, tracked.param_entry))]
-        items += [(b, i, f"buffer.{j}") for j, (b, i) in enumerate(zip(tracked.buffers, tracked.buffer_entry))]
-        for t, i, fallback in items:
-            if i in seen or tracked.dispatch.groups[tracked.entries[i].key].kind == "copy":
-                continue
-            seen.add(i)
-            out[by_id.get(id(t), fallback)] = (i, t)
-        return out
-
-    def flush(self) -> None:
-        """Return once every snapshot taken so far is on disk; raises if writing one failed."""
-        if self.writer is not None:
-            self.writer.flush()
-
-    def resumed_at(self, step: int) -> None:
-        """A state dict of ``step`` was loaded."""
-        if self.config.every is not None:
-            # A run resumed from here drops what an abandoned run snapshotted after it.
-            self._writer().discard_after(step)
-
-
-def shard_info(t: Tensor) -> dict[str, Any] | None:
-    """Where a DTensor's local shard sits in the full tensor (one sharded dimension), for snapshots."""
-    if not is_dtensor(t):
-        return None
-    try:
-        from torch.distributed.tensor import Shard
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        dims = [p.dim for p in t.placements if isinstance(p, Shard)]
-        if len(set(dims)) != 1:
-            return None
-        _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-        return {"dim": dims[0], "offset": int(offset[dims[0]]), "global_shape": list(t.shape)}
-    except Exception:  # noqa: BLE001 - placement details vary across torch versions; snapshots work without
-        return None

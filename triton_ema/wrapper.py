@@ -13,9 +13,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from triton_ema import checkpoint
-from triton_ema.dispatch import BACKENDS, Dispatcher
+from triton_ema.dispatch import BACKENDS, MAX_PROFILES, Dispatcher
 from triton_ema.schedules import PowerProfile, ProfileSet, Schedule
-from triton_ema.snapshot import SnapshotConfig, SnapshotSchedule
+from triton_ema.snapshot_schedule import SnapshotConfig, SnapshotSchedule
 from triton_ema.tracking import Tracker
 from triton_ema.util import as_global
 
@@ -137,21 +137,9 @@ class EMAOptimizerWrapper(Optimizer):
         profiles = _profiles(
             decay, sigma_rel, warmup, warmup_gamma, warmup_power, min_decay, update_after_step, update_every
         )
-        if snapshot_every is not None or snapshot_dir is not None:
-            if snapshot_every is None or snapshot_dir is None:
-                raise ValueError("snapshots need both snapshot_every and snapshot_dir")
-            if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1:
-                raise ValueError(f"Invalid snapshot_every value: {snapshot_every!r}. It must be an int >= 1.")
-            if not isinstance(profiles.members[0], PowerProfile):
-                raise ValueError(
-                    "snapshots are for post-hoc reconstruction, which needs power-function profiles: pass sigma_rel=..."
-                )
-        if snapshot_dtype is not None and (
-            not isinstance(snapshot_dtype, torch.dtype) or not snapshot_dtype.is_floating_point
-        ):
-            raise ValueError(f"snapshot_dtype must be a floating torch.dtype or None, got {snapshot_dtype!r}")
-        if model is not None and not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        snapshots = SnapshotConfig(
+            snapshot_every, snapshot_dir, snapshot_dtype, model, isinstance(profiles.members[0], PowerProfile)
+        )
         if backend not in BACKENDS:
             raise ValueError(f"Unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
         if ema_dtype is not None and (not isinstance(ema_dtype, torch.dtype) or not ema_dtype.is_floating_point):
@@ -173,7 +161,7 @@ class EMAOptimizerWrapper(Optimizer):
         self.backend = backend
         self._init_hooks()
         self._step = 0
-        self._snapshots = SnapshotSchedule(SnapshotConfig(snapshot_every, snapshot_dir, snapshot_dtype, model))
+        self._snapshots = SnapshotSchedule(snapshots)
         self._dispatch = Dispatcher(backend, ema_device, skip_nonfinite, n_profiles=len(profiles))
         self._tracked = Tracker(self._dispatch, ema_dtype)
         self._tracked.track(self._tracked.all_params(self.param_groups), buffers, self._step)
@@ -460,7 +448,6 @@ def _profiles(
     update_every: int,
 ) -> ProfileSet:
     """The profiles asked for: one or more decays with their warmup, or power-function widths."""
-    from triton_ema.kernels import MAX_PROFILES
 
     def as_tuple(value: Any, name: str) -> tuple:
         values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
