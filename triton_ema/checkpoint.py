@@ -311,14 +311,17 @@ def lr_is_zero(groups: list[dict[str, Any]]) -> bool:
     return lr is not None and lr == 0
 
 
-def initialising_state() -> bool:
-    """True when the caller is torch.distributed.checkpoint's optimizer-state initialisation.
+def initialising_state(optimizer: torch.optim.Optimizer) -> bool:
+    """True when the caller steps ``optimizer`` for torch.distributed.checkpoint's state initialisation.
 
     ``_init_optim_state`` steps a fresh optimizer once with zero gradients and
     learning rates so that its state exists before loading; counting that as an
     EMA step would move the average and the step count. It is recognised by its
-    frame (a few levels up, past wrappers such as an LR scheduler's step counter).
+    frame (a few levels up, past wrappers such as an LR scheduler's step counter),
+    looked at only when the optimizer has no state and a zero learning rate.
     """
+    if optimizer.state or not lr_is_zero(optimizer.param_groups):
+        return False
     frame = sys._getframe(2)
     for _ in range(6):
         if frame is None:

@@ -288,6 +288,14 @@ class Dispatcher:
             if state.skipped is not None:
                 state.skipped.fill_(n)
 
+    @torch.no_grad()
+    def copy_to_params(self, profile: int = 0) -> None:
+        """Write profile ``profile``'s EMA into every tracked tensor for good."""
+        self.join()
+        self.refresh()
+        for g in self.groups.values():
+            torch._foreach_copy_(g.params, g.real_shadows_of(g.own_profile(profile)))
+
     # ------------------------------------------------------------------ swapping (see triton_ema.exchange)
     @property
     def swapped(self) -> bool:

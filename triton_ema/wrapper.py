@@ -202,12 +202,9 @@ class EMAOptimizerWrapper(Optimizer):
         # What Optimizer.__init__ would create; it is not called because it would add the groups again.
         # The wrapper's step is not patched by Optimizer's profiling wrapper: the inner step already
         # runs the global hooks and shows in the profiler, once per step.
-        self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        for kind in ("step", "state_dict", "load_state_dict"):
+            for when in ("pre", "post"):
+                setattr(self, f"_optimizer_{kind}_{when}_hooks", OrderedDict())
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer and track its parameters; on any error neither changes."""
@@ -255,11 +252,7 @@ class EMAOptimizerWrapper(Optimizer):
 
     def _step_once(self, closure: Callable[[], Any] | None) -> Any:
         self._check_not_swapped("step")
-        if (
-            not self.optimizer.state
-            and checkpoint.lr_is_zero(self.optimizer.param_groups)
-            and checkpoint.initialising_state()
-        ):
+        if checkpoint.initialising_state(self.optimizer):
             # torch.distributed.checkpoint creates optimizer state by stepping with zero
             # gradients and learning rates; that is not a training step.
             return self.optimizer.step() if closure is None else self.optimizer.step(closure)
@@ -331,15 +324,11 @@ class EMAOptimizerWrapper(Optimizer):
         holders = self._tracked.holders(self._check_profile(profile))
         return [as_global(holders[i], b) for i, b in zip(self._tracked.buffer_entry, self._tracked.buffers)]
 
-    @torch.no_grad()
     def copy_ema_to_params(self, profile: int = 0) -> None:
         """Write a profile's EMA into the parameters (and buffers) for good, e.g. before exporting the model."""
         self._check_profile(profile)
         self._check_not_swapped("copy_ema_to_params")
-        self._dispatch.join()
-        self._dispatch.refresh()
-        for g in self._dispatch.groups.values():
-            torch._foreach_copy_(g.params, g.real_shadows_of(g.own_profile(profile)))
+        self._dispatch.copy_to_params(profile)
 
     @contextmanager
     def ema_weights(self, profile: int = 0) -> Iterator[EMAOptimizerWrapper]:
@@ -370,17 +359,10 @@ class EMAOptimizerWrapper(Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state dict, with the EMA in it.
+        """The wrapped optimizer's state dict, with the EMA in it (the format: :mod:`triton_ema.checkpoint`).
 
-        Every parameter's entry in ``"state"`` also holds ``"ema_shadow"``, its
-        EMA (a DTensor for DTensor parameters), and every entry of
-        ``"param_groups"`` holds ``"ema"``: the format version, the step count,
-        the skipped-update count and the schedule. So tools that key optimizer
-        state by parameter name and reshard it (``torch.distributed.checkpoint``'s
-        ``get_optimizer_state_dict``) carry the EMA with them. Buffer EMAs are in
-        ``"ema_buffers"``. Shadows are the live tensors (as in
-        ``Optimizer.state_dict``), except inside :meth:`ema_weights`, where they
-        are copies.
+        Each parameter's state holds its EMA as ``"ema_shadow"``, so tools that reshard optimizer state carry
+        it along. Shadows are the live tensors (as in ``Optimizer.state_dict``), copies inside :meth:`ema_weights`.
         """
         for hook in list(self._optimizer_state_dict_pre_hooks.values()):
             hook(self)
