@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -108,8 +109,25 @@ def _worker(rank: int, kind: str, seed: int, init_file: str, out: str) -> None:
     )
     try:
         _check(rank, kind, seed, Path(out))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    _exit_before_finalization()
+
+
+def _exit_before_finalization() -> None:
+    """End a worker that succeeded without running the interpreter's finalization.
+
+    destroy_process_group() does not stop gloo's threads: ProcessGroupGloo has no shutdown() in this torch (the
+    Backend default does nothing), and the process-group objects stay referenced after it, so every worker still
+    runs its ``pt_gloo_runloop`` and ``gloo_tcp_loop`` threads when it returns. If one of them takes the GIL while
+    Python finalizes (releasing a finished collective's tensors), CPython < 3.14 ends it with pthread_exit, whose unwind
+    through a noexcept destructor aborts the process: "terminate called without an active exception", SIGABRT.
+    Every rank has passed the barrier after its last collective and written its results, so nothing is lost.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _check(rank: int, kind: str, seed: int, out: Path) -> None:
@@ -358,8 +376,11 @@ def _dcp_worker(rank: int, world: int, seed: int, init_file: str, tmp: str) -> N
                 torch.save(got, tmp_dir / f"snapshot-{rank}.pt")
             except Exception:
                 (tmp_dir / f"snapshot-error-{rank}.txt").write_text(traceback.format_exc())
+        # Rank 2 is done long before the snapshot run: no rank tears down while another still communicates.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    _exit_before_finalization()
 
 
 def dcp_reference(seed: int, steps: int) -> dict:
