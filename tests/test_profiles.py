@@ -86,6 +86,60 @@ def test_sigma_rel_profiles_match_float64(seed, backend):
     assert not torch.allclose(opt.ema_params(profile=0)[0], opt.ema_params(profile=1)[0])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigma_rel_update_at_u_zero_copies(seed, backend):
+    """``update_after_step`` a multiple of ``update_every``: the first update has ``u == 0`` and copies."""
+    p = nn.Parameter(torch.randn(5))
+    opt = EMAOptimizerWrapper(
+        torch.optim.SGD([p], lr=0.1), sigma_rel=(0.05, 0.2), update_after_step=2, update_every=2, backend=backend
+    )
+    assert opt.profiles.weights(2) == [1.0, 1.0]
+    for _ in range(2):  # step 1 makes no update; step 2 has u = 0
+        walk([p])
+        opt.update_ema()
+    for k in (0, 1):
+        assert torch.equal(opt.ema_params(profile=k)[0], p.detach()), f"profile {k} did not copy at u == 0"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loading_other_sigma_rel_values_updates_the_device_weights(seed, backend):
+    """Both backends follow the loaded profiles, also after launches were bound for the constructor's ones."""
+    start = torch.randn(6)
+    walks = [torch.randn(6) for _ in range(6)]
+
+    def make(sigma_rel, b):
+        p = nn.Parameter(start.clone())
+        return p, EMAOptimizerWrapper(torch.optim.SGD([p], lr=0.1), sigma_rel=sigma_rel, backend=b)
+
+    def run(p, opt, steps):
+        for x in steps:
+            with torch.no_grad():
+                p.add_(x)
+            opt.update_ema()
+
+    saved_p, saved = make((0.05, 0.10), "torch")
+    run(saved_p, saved, walks[:3])
+    sd = copy.deepcopy(saved.state_dict())
+    p, opt = make((0.15, 0.25), backend)
+    run(p, opt, walks[:3])  # binds the weights launch for (0.15, 0.25)
+    opt.load_state_dict(sd)
+    assert opt.profiles == saved.profiles
+    with torch.no_grad():
+        p.copy_(saved_p)
+    refs = [Power64([p], s) for s in (0.05, 0.10)]
+    for k, r in enumerate(refs):
+        r.t, r.shadows = 3, [opt.ema_params(profile=k)[0].double()]
+    for x in walks[3:]:
+        run(p, opt, [x])
+        run(saved_p, saved, [x])
+        for r in refs:
+            r.step([p])
+    for k, r in enumerate(refs):
+        ours = opt.ema_params(profile=k)[0]
+        torch.testing.assert_close(ours.double(), r.shadows[0], **tol(torch.float32))
+        torch.testing.assert_close(ours, saved.ema_params(profile=k)[0], **tol(torch.float32))
+
+
 def measured_sigma_rel(backend: str, sigma_rel: float, every: int, updates: int) -> float:
     """Feed one-hot histories (the parameter is e_j at update j) and read the weight each update got."""
     p = nn.Parameter(torch.zeros(updates))

@@ -349,6 +349,25 @@ def test_aliased_tensors_are_one_entry(seed, backend, alias):
     assert all(torch.equal(a, b) for a, b in zip(after, trained)), "the trained weights must come back"
 
 
+@pytest.mark.parametrize("alias", ["param-twice", "two-parameters-one-storage"])
+def test_state_dict_saves_each_parameters_own_shadow_when_aliased(seed, alias):
+    """Shadows are looked up by entry: with an alias and tracked buffers, positions and entries differ."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    params = list(model.parameters())
+    params.append(params[0] if alias == "param-twice" else nn.Parameter(model[0].weight.data))
+    with pytest.warns(UserWarning) if alias == "param-twice" else _nothing():
+        opt = EMAOptimizerWrapper(torch.optim.SGD(params, lr=0.1), decay=0.5, buffers=model.buffers())
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(8, 3)).pow(2).mean().backward()
+        opt.step()
+    sd = opt.state_dict()
+    keys = [k for g in sd["param_groups"] for k in g["params"]]
+    for position, (key, ema) in enumerate(zip(keys, opt.ema_params(), strict=True)):
+        assert torch.equal(sd["state"][key]["ema_shadow"], ema), f"parameter {position} saved another shadow"
+    assert all(torch.equal(a, b) for a, b in zip(sd["ema_buffers"], opt.ema_buffers(), strict=True))
+
+
 class _nothing:
     def __enter__(self):
         return self
@@ -365,6 +384,11 @@ def test_partial_overlap_is_refused_naming_both():
     model = nn.Linear(4, 4)
     with pytest.raises(ValueError, match=r"buffer 0 and parameter 0 overlap"):
         EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), buffers=[model.weight.data[1:]])
+    with pytest.raises(ValueError, match=r"buffer 0 and parameter 0 overlap"):
+        EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), buffers=[model.weight.data.t()])
+    one = [nn.Parameter(flat[0:5]), nn.Parameter(flat[4:10])]  # element 4 is in both
+    with pytest.raises(ValueError, match=r"parameter 1 and parameter 0 overlap in memory"):
+        EMAOptimizerWrapper(torch.optim.SGD(one, lr=0.1))
     named = torch.optim.SGD([{"params": [a, b], "param_names": ["x.a", "x.b"]}], lr=0.1)
     with pytest.raises(ValueError, match=r"'x.b'.*'x.a'"):
         EMAOptimizerWrapper(named)
@@ -436,10 +460,12 @@ def test_deepcopy_of_model_and_wrapper_is_independent(seed):
         copy.deepcopy(opt)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("via", ["pickle", "torch.save"])
-def test_pickled_wrapper_keeps_shadows_and_step(seed, via):
+def test_pickled_wrapper_keeps_shadows_and_step(seed, via, backend):
+    """On the Triton path the step count lives in a device counter, from which the kernel computes the warmup."""
     model = nn.Linear(3, 2)
-    opt = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.5, warmup="litema")
+    opt = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.5, warmup="litema", backend=backend)
     for _ in range(3):
         with torch.no_grad():
             model.weight.add_(1)
@@ -454,11 +480,13 @@ def test_pickled_wrapper_keeps_shadows_and_step(seed, via):
     assert opt2.num_steps == 3 and opt2.schedule == opt.schedule
     assert all(torch.equal(a, b) for a, b in zip(opt2.ema_params(), opt.ema_params()))
     assert opt2.param_groups[0]["params"][0] is model2.weight
-    with torch.no_grad():
-        model.weight.add_(1)
-        model2.weight.add_(1)
-    opt.update_ema()
-    opt2.update_ema()
+    for _ in range(2):
+        with torch.no_grad():
+            model.weight.add_(1)
+            model2.weight.add_(1)
+        opt.update_ema()
+        opt2.update_ema()
+    assert opt2.num_steps == 5
     assert all(torch.equal(a, b) for a, b in zip(opt2.ema_params(), opt.ema_params()))
 
 
@@ -746,6 +774,41 @@ def test_skip_counter_counts_only_steps_that_update(seed, backend):
     for _ in range(5):
         opt.update_ema()
     assert opt.skipped_updates == 2 and opt.num_steps == 5  # steps 2 and 4 update; 1, 3, 5 do not
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_nonfinite_never_scans_integer_buffers(seed, monkeypatch, backend):
+    """Copies of integer buffers are not averaged, so the guard leaves them out; it scans the rest."""
+    from triton_ema import reference
+    from triton_ema.kernels import ema_update
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    # An int32 buffer whose bits read as a float32 NaN: a scan that took it for floats would skip every update.
+    nan_bits = torch.tensor([0x7FC00000], dtype=torch.int32)
+    buffers = [*model.buffers(), nan_bits]
+    opt = EMAOptimizerWrapper(
+        torch.optim.SGD(model.parameters(), lr=0.1), decay=0.5, backend=backend, buffers=buffers, skip_nonfinite=True
+    )
+    scanned = []
+
+    def spy(fn, tensors):
+        def call(what, flag):
+            scanned.extend(tensors(what))
+            return fn(what, flag)
+
+        return call
+
+    monkeypatch.setattr(reference, "nonfinite_", spy(reference.nonfinite_, list))
+    monkeypatch.setattr(ema_update, "nonfinite_", spy(ema_update.nonfinite_, lambda table: table.tensors[0]))
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(8, 3)).pow(2).mean().backward()
+        opt.step()
+    assert opt.skipped_updates == 0 and int(opt.ema_buffers()[2]) == 2
+    integers = [t.dtype for t in scanned if not t.is_floating_point()]
+    assert scanned and not integers, f"the guard scanned {integers}"
+    # Not even reinterpreted as floats.
+    assert not any(t.data_ptr() in (b.data_ptr() for b in buffers[2:]) for t in scanned)
 
 
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
