@@ -73,8 +73,8 @@ class EMAOptimizerWrapper(Optimizer):
             memory, updated by a worker thread after an asynchronous copy, so the
             training stream never waits for the EMA (not for CUDA graphs).
             Default: the parameter's device.
-        skip_nonfinite: leave every shadow of a device bit-exactly alone for an
-            update whose parameters hold NaN or inf, and count it in
+        skip_nonfinite: leave every averaged shadow of a device bit-exactly alone
+            (integer buffers are still copied) for an update whose parameters hold NaN or inf, and count it in
             :attr:`skipped_updates` (decided on the device). Default: off, a
             non-finite parameter propagates into its shadow, as in other EMA
             libraries.
