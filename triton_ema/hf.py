@@ -91,7 +91,9 @@ class EMATrainerMixin:
     def ema_weights(self, evaluating: bool = False) -> Iterator[None]:
         """The EMA in the model inside; a no-op without a wrapper, when already in, and for evaluation with
         ``ema_eval="raw"``."""
-        if self._ema is None or self._ema_swapped or (evaluating and self.ema_eval == "raw"):
+        # Already in: by this trainer, or by the user's own ``with trainer.ema.ema_weights():`` (which does not nest).
+        already = self._ema_swapped or (self._ema is not None and self._ema._dispatch.swapped)
+        if self._ema is None or already or (evaluating and self.ema_eval == "raw"):
             yield
             return
         with self._ema.ema_weights():
