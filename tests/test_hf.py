@@ -202,6 +202,13 @@ def test_mixin_goes_in_front_of_other_trainer_subclasses(seed, tmp_path):
     trainer.train()
     assert trainer.losses_computed == 4
     assert trainer.ema.optimizer is inner and trainer.ema.num_steps == 4
+    # ema_eval="raw" evaluates the trained weights, as the plain Trainer does.
+    trainer.ema_eval = "raw"
+    held_out = dataset(seed + 7, 8)
+    assert trainer.evaluate(held_out)["eval_loss"] == Trainer.evaluate(trainer, held_out)["eval_loss"]
+    with trainer.ema.ema_weights():
+        ema_loss = Trainer.evaluate(trainer, held_out)["eval_loss"]
+    assert trainer.evaluate(held_out)["eval_loss"] != ema_loss
     with pytest.raises(ValueError, match="ema_eval"):
         MyTrainer(model=model, args=arguments(tmp_path, seed), ema_eval="yes")
 

@@ -261,6 +261,10 @@ def test_validate_both_logs_the_trained_weights_metrics_too(tmp_path):
     # The EMA pass, then the trained weights' pass, and the trained weights in the model afterwards.
     assert_equal(model.seen["val"][-2], opt.ema_params())
     assert_equal(model.seen["val"][-1], list(model.parameters()))
+    # The swaps made during validation (torch.inference_mode there) leave the wrapper usable outside it.
+    ema = clone(opt.ema_params())
+    with opt.ema_weights():
+        assert_equal(clone(model.parameters()), ema)
     with pytest.raises(ValueError, match="validate"):
         EMACallback(validate="raw")
 
