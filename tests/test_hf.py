@@ -202,6 +202,10 @@ def test_mixin_goes_in_front_of_other_trainer_subclasses(seed, tmp_path):
     trainer.train()
     assert trainer.losses_computed == 4
     assert trainer.ema.optimizer is inner and trainer.ema.num_steps == 4
+    # A second train() goes on with the same wrapper (inside accelerate's AcceleratedOptimizer by then).
+    ema = trainer.ema
+    trainer.train()
+    assert trainer.ema is ema and ema.num_steps == 8 and trainer.optimizer.optimizer is ema
     # ema_eval="raw" evaluates the trained weights, as the plain Trainer does.
     trainer.ema_eval = "raw"
     held_out = dataset(seed + 7, 8)

@@ -82,9 +82,13 @@ class EMATrainerMixin:
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         super().create_optimizer(*args, **kwargs)
-        if not isinstance(self.optimizer, EMAOptimizerWrapper):
-            self.optimizer = EMAOptimizerWrapper(self.optimizer, **self.ema_kwargs)
-        self._ema = self.optimizer
+        # A second train() finds accelerate's AcceleratedOptimizer around the wrapper of the first.
+        found = self.optimizer
+        while found is not None and not isinstance(found, EMAOptimizerWrapper):
+            found = getattr(found, "optimizer", None)
+        if found is None:
+            self.optimizer = found = EMAOptimizerWrapper(self.optimizer, **self.ema_kwargs)
+        self._ema = found
         return self.optimizer
 
     @contextmanager
