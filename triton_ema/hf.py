@@ -44,7 +44,9 @@ class EMATrainerMixin:
     - ``evaluate()`` and ``predict()`` run with the EMA swapped into the model (in place, no copy) and the
       trained weights are back afterwards, also when they raise. ``ema_eval="both"`` also evaluates the trained
       weights and adds their metrics with ``raw_`` after the metric prefix (``eval_raw_loss``) to the same log
-      row, so ``metric_for_best_model`` can rank either; ``"raw"`` evaluates and predicts with the trained weights.
+      row, so ``metric_for_best_model`` can rank either (``predict()`` uses the EMA alone); ``"raw"`` evaluates
+      and predicts with the trained weights. Inside the user's own ``with trainer.ema.ema_weights():`` both run
+      with the EMA that is in the model already.
     - ``save_model()`` writes the EMA in the model's own ``save_pretrained`` format.
     - Checkpoints written during training keep the *trained* weights in the model files and the EMA in the
       optimizer state, so ``train(resume_from_checkpoint=...)`` continues bit-exactly. Each checkpoint also holds
