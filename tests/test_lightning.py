@@ -178,8 +178,10 @@ def saved_ema(optimizer_state: dict) -> tuple[int, list[torch.Tensor]]:
     return step, [optimizer_state["state"][i]["ema_shadow"] for g in groups for i in g["params"]]
 
 
-def test_checkpoints_hold_trained_weights_and_ema(tmp_path):
-    """ModelCheckpoint on validation end, and a save from inside the swap, both store the trained weights."""
+@pytest.mark.parametrize("layout", ["ema", "raw"])
+def test_checkpoints_hold_ema_weights_and_the_trained_ones_in_the_callback_state(tmp_path, layout):
+    """ModelCheckpoint on validation end, and a save from inside the swap, are laid out alike: the model's weights
+    are the EMA (the trained ones in the callback's state), or with checkpoint_weights="raw" the trained ones."""
 
     class SaveInsideSwap(L.Callback):
         def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -188,23 +190,83 @@ def test_checkpoints_hold_trained_weights_and_ema(tmp_path):
             # The EMA is back in the model for the rest of the validation.
             assert_equal(clone(pl_module.parameters()), clone(trainer.optimizers[0].ema_params()))
 
-    ema_cb = EMACallback()
+    class SaveOutsideSwap(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            assert not ema_cb.swapped
+            trainer.save_checkpoint(tmp_path / "outside.ckpt")
+
+    ema_cb = EMACallback(checkpoint_weights=layout)
     recorder = Recorder(steps=(N_TRAIN // BATCH,))
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path, filename="val-end", monitor="val_loss", save_on_train_epoch_end=False)
     model = Regressor()
-    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[ckpt_cb, ema_cb, SaveInsideSwap(), recorder])
+    callbacks = [ckpt_cb, ema_cb, SaveInsideSwap(), SaveOutsideSwap(), recorder]
+    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=callbacks)
     trainer.fit(model, *loaders())
 
     trained, ema, steps = recorder.at[N_TRAIN // BATCH]
     assert_differ(trained, ema)
     assert_equal(list(model.parameters()), trained)
     assert not ema_cb.swapped
-    for name in ("val-end.ckpt", "inside.ckpt"):
+    for name in ("val-end.ckpt", "inside.ckpt", "outside.ckpt"):
         ckpt = torch.load(tmp_path / name, weights_only=False)
-        assert_equal(list(ckpt["state_dict"].values()), trained)
+        state = ckpt["callbacks"]["EMACallback"]
+        if layout == "ema":
+            assert_equal(list(ckpt["state_dict"].values()), ema)
+            assert_equal(list(state["trained_state_dict"].values()), trained)
+        else:
+            assert_equal(list(ckpt["state_dict"].values()), trained)
+            assert "trained_state_dict" not in state
         saved = ckpt["optimizer_states"][0]
         assert all(g["ema"]["step"] == steps for g in saved["param_groups"])
         assert_equal([saved["state"][k]["ema_shadow"] for k in saved["param_groups"][0]["params"]], ema)
+
+
+def test_load_from_checkpoint_and_the_best_checkpoint_give_the_ranked_ema(tmp_path):
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=1, save_on_train_epoch_end=False)
+    model = Regressor()
+    trainer = make_trainer(tmp_path, max_epochs=3, callbacks=[EMACallback(), ckpt_cb])
+    trainer.fit(model, *loaders())
+    trained = clone(model.parameters())
+
+    epoch = int(str(ckpt_cb.best_model_path).split("epoch=")[1].split("-")[0])
+    ranked = model.seen["val"][epoch]  # the weights validation saw in that epoch: the EMA then
+    loaded = Regressor.load_from_checkpoint(ckpt_cb.best_model_path)
+    assert_equal(list(loaded.parameters()), ranked)
+    x, y = loaders()[1].dataset.tensors
+    with torch.no_grad():
+        torch.testing.assert_close(nn.functional.mse_loss(loaded(x), y), ckpt_cb.best_model_score)
+
+    # A trainer with the callback takes the trained weights back from the checkpoint and tests with its EMA.
+    trainer.test(model, loaders()[1], ckpt_path="best", verbose=False)
+    assert_equal(model.seen["test"][-1], ranked)
+    best = torch.load(ckpt_cb.best_model_path, weights_only=False)
+    assert_equal(list(model.parameters()), list(best["callbacks"]["EMACallback"]["trained_state_dict"].values()))
+    if epoch != 2:
+        assert_differ(list(model.parameters()), trained)
+
+
+def test_validate_both_logs_the_trained_weights_metrics_too(tmp_path):
+    model = Regressor()
+    trainer = make_trainer(tmp_path, max_epochs=1, callbacks=[EMACallback(validate="both")])
+    trainer.fit(model, *loaders())
+    opt = trainer.optimizers[0]
+    x, y = loaders()[1].dataset.tensors
+    shadows = dict(zip((n for n, _ in model.named_parameters()), opt.ema_params()))
+    with torch.no_grad():
+        ema_loss = nn.functional.mse_loss(torch.func.functional_call(model, shadows, (x,)), y)
+        raw_loss = nn.functional.mse_loss(model(x), y)
+    assert not torch.equal(ema_loss, raw_loss)
+    torch.testing.assert_close(trainer.callback_metrics["val_loss"], ema_loss)
+    torch.testing.assert_close(trainer.callback_metrics["raw_val_loss"], raw_loss)
+    # The EMA pass, then the trained weights' pass, and the trained weights in the model afterwards.
+    assert_equal(model.seen["val"][-2], opt.ema_params())
+    assert_equal(model.seen["val"][-1], list(model.parameters()))
+    # The swaps made during validation (torch.inference_mode there) leave the wrapper usable outside it.
+    ema = clone(opt.ema_params())
+    with opt.ema_weights():
+        assert_equal(clone(model.parameters()), ema)
+    with pytest.raises(ValueError, match="validate"):
+        EMACallback(validate="raw")
 
 
 def test_resume_restores_ema_and_continues_like_uninterrupted_run(tmp_path):

@@ -56,6 +56,13 @@ def _clone_tensors(obj: Any) -> Any:
     return obj
 
 
+def _outside_inference_mode() -> ExitStack:
+    stack = ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
+
+
 class EMACallback(pl.Callback):
     r"""Runs validation, test (and optionally predict) with the EMA weights of an :class:`EMAOptimizerWrapper`.
 
@@ -65,14 +72,16 @@ class EMACallback(pl.Callback):
     and it leaves on ``on_validation_end`` / ``on_test_end``, on an exception (``on_exception``) and at
     ``teardown`` at the latest. Training steps never see the EMA weights.
 
-    Checkpoints need nothing from the callback: Lightning saves ``optimizer.state_dict()``, which carries the
-    shadows and the step count under ``"ema"``, and ``trainer.fit(ckpt_path=...)`` restores them bit-exactly.
-    What the callback guarantees is that a checkpoint always holds the *trained* weights in ``"state_dict"``,
-    also one written while the EMA is swapped in (``trainer.save_checkpoint`` from a validation hook, say), so
-    that resuming continues the training and not the average. ``ModelCheckpoint`` callbacks run after this one
-    in every hook (Lightning moves them last), so their saves on validation end already see the trained
-    weights. A weights-only checkpoint written inside the swap (Lightning calls no callback hook for those)
-    holds what the model holds then: the EMA.
+    Checkpoints (``checkpoint_weights="ema"``, the default) hold the EMA as the model's weights in
+    ``"state_dict"``, so ``LightningModule.load_from_checkpoint(path)`` and ``ModelCheckpoint``'s best model give
+    the EMA model that was evaluated and ranked. The trained weights travel in the callback's state
+    (``checkpoint["callbacks"]["EMACallback"]["trained_state_dict"]``) and the EMA, with its step count, in
+    ``"optimizer_states"``; when a trainer with this callback loads the checkpoint (``fit(ckpt_path=...)``,
+    ``test(ckpt_path="best")``) it puts the trained weights back into the model, so a resume continues the
+    training bit-exactly. ``checkpoint_weights="raw"`` keeps the trained weights in ``"state_dict"`` (the layout
+    of earlier versions). Either way a checkpoint written inside the swap (``trainer.save_checkpoint`` from a
+    validation hook) is laid out the same. A weights-only checkpoint (Lightning calls no callback hook for those)
+    holds what the model holds when it is written: the EMA inside validation, the trained weights outside.
 
     For ``trainer.validate/test/predict(ckpt_path=...)`` outside ``fit`` the optimizers are not restored by
     Lightning, so the callback rebuilds them with ``configure_optimizers()`` and loads the EMA from the
@@ -80,9 +89,12 @@ class EMACallback(pl.Callback):
     a checkpoint, an evaluation after ``fit`` on the same trainer uses the live wrappers.
 
     Args:
-        validate: use the EMA weights in validation (also the sanity check).
+        validate: use the EMA weights in validation (also the sanity check); ``"both"`` also runs each validation
+            batch with the trained weights and logs what ``validation_step`` logs under ``raw_`` + its name
+            (``raw_val_loss``).
         test: use the EMA weights in ``trainer.test``.
         predict: use the EMA weights in ``trainer.predict``.
+        checkpoint_weights: ``"ema"`` or ``"raw"``: which weights a checkpoint's ``"state_dict"`` holds.
 
     Example:
         >>> class Model(L.LightningModule):
@@ -92,9 +104,21 @@ class EMACallback(pl.Callback):
         >>> trainer.fit(Model(), datamodule=dm)  # validation metrics are the EMA model's  # doctest: +SKIP
     """
 
-    def __init__(self, *, validate: bool = True, test: bool = True, predict: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        validate: bool | str = True,
+        test: bool = True,
+        predict: bool = False,
+        checkpoint_weights: str = "ema",
+    ) -> None:
         super().__init__()
+        if validate not in (True, False, "both"):
+            raise ValueError(f"validate must be True, False or 'both', got {validate!r}")
+        if checkpoint_weights not in ("ema", "raw"):
+            raise ValueError(f"checkpoint_weights must be 'ema' or 'raw', got {checkpoint_weights!r}")
         self.validate = validate
+        self.checkpoint_weights = checkpoint_weights
         self.test = test
         self.predict = predict
         self._stack: ExitStack | None = None
@@ -160,23 +184,51 @@ class EMACallback(pl.Callback):
         if not wrappers:
             return
         stack = ExitStack()
-        try:
-            for wrapper in wrappers:
-                stack.enter_context(wrapper.ema_weights())
-        except BaseException:
-            # Leave the wrappers already entered, so that a failure here never strands the EMA in the model.
-            stack.close()
-            raise
+        # Validation runs under torch.inference_mode; the swap's tensors must stay usable outside it.
+        with _outside_inference_mode():
+            try:
+                for wrapper in wrappers:
+                    stack.enter_context(wrapper.ema_weights())
+            except BaseException:
+                # Leave the wrappers already entered, so that a failure here never strands the EMA in the model.
+                stack.close()
+                raise
         self._stack = stack
 
     def _swap_out(self) -> None:
         stack, self._stack = self._stack, None
         if stack is not None:
-            stack.close()
+            with _outside_inference_mode():
+                stack.close()
 
     # ------------------------------------------------------------------ evaluation hooks
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.validate:
+            self._swap_in(trainer, pl_module)
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.validate != "both" or self._stack is None:
+            return
+        # The same batch again with the trained weights; what validation_step logs goes under "raw_" + its name.
+        log, log_dict = pl_module.log, pl_module.log_dict
+        pl_module.log = lambda name, value, *args, **kwargs: log(f"raw_{name}", value, *args, **kwargs)
+        pl_module.log_dict = lambda values, *args, **kwargs: log_dict(
+            {f"raw_{k}": v for k, v in values.items()}, *args, **kwargs
+        )
+        self._swap_out()
+        try:
+            step_args = (batch, batch_idx, dataloader_idx) if len(trainer.num_val_batches) > 1 else (batch, batch_idx)
+            pl_module.validation_step(*step_args)
+        finally:
+            del pl_module.log, pl_module.log_dict  # the instance attributes: the methods are back
             self._swap_in(trainer, pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -205,23 +257,49 @@ class EMACallback(pl.Callback):
         self._eval_wrappers = None
 
     # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        # Never empty, so that Lightning keeps an entry for this callback, where on_save_checkpoint puts the
+        # trained weights.
+        return {"checkpoint_weights": self.checkpoint_weights}
+
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if self._stack is None:
+        wrappers = self._wrappers(trainer, pl_module) if self.checkpoint_weights == "ema" else []
+        if self._stack is not None:
+            # Saved inside the swap: "state_dict" was taken from a model that holds the EMA. Take the trained
+            # weights (copies, since the EMA goes back in before the file is written). The wrapper's own
+            # state_dict already copies the shadows while swapped, so "optimizer_states" is right as it is.
+            ema = _clone_tensors(checkpoint["state_dict"])
+            self._swap_out()
+            try:
+                trained = _clone_tensors(trainer.strategy.lightning_module_state_dict())
+            finally:
+                self._swap_in(trainer, pl_module)
+        else:
+            trained = checkpoint["state_dict"]  # the file is written before training changes these
+            ema = None
+            if wrappers:
+                self._swap_in(trainer, pl_module)
+                try:
+                    ema = _clone_tensors(trainer.strategy.lightning_module_state_dict())
+                finally:
+                    self._swap_out()
+        if not wrappers or ema is None:
+            checkpoint["state_dict"] = trained
             return
-        # Saved inside the swap: "state_dict" was taken from a model that holds the EMA. Take it again from the
-        # trained weights (copies, since the EMA goes back in before the file is written). The wrapper's own
-        # state_dict already copies the shadows while swapped, so "optimizer_states" is right as it is.
-        self._swap_out()
-        try:
-            checkpoint["state_dict"] = _clone_tensors(trainer.strategy.lightning_module_state_dict())
-        finally:
-            self._swap_in(trainer, pl_module)
+        checkpoint["state_dict"] = ema
+        checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, {})["trained_state_dict"] = trained
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        # Lightning has loaded "state_dict" (the EMA, in this callback's layout) into the model already: the trained
+        # weights go back in, for a resume as for an evaluation that swaps the checkpoint's EMA in.
+        trained = checkpoint.get("callbacks", {}).get(self.state_key, {}).get("trained_state_dict")
+        if trained is not None:
+            checkpoint["state_dict"] = trained
+            trainer.strategy.load_model_state_dict(checkpoint, strict=pl_module.strict_loading)
         # During fit Lightning restores the optimizers (and with them the EMA) itself.
         if trainer.state.fn != TrainerFn.FITTING:
             self._loaded_states = checkpoint.get("optimizer_states", [])
