@@ -24,7 +24,7 @@ from torch import Tensor
 from triton_ema.kernels import MAX_PROFILES  # noqa: E402  (the kernel takes one address argument per profile)
 from triton_ema.kernels.ema_update import _TL_DTYPES, _round
 from triton_ema.kernels.launch import TableKernel
-from triton_ema.kernels.table import ENTRY, TensorTable, build_table, entry_range, tensor_ptr
+from triton_ema.kernels.table import ENTRY, TensorTable, build_table, tensor_ptr, walk_entries
 
 
 @triton.jit
@@ -61,44 +61,100 @@ def _select(K: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
 
 
 @triton.jit
-def _multi_block(
-    param_ptr,
-    s0,
-    s1,
-    s2,
-    s3,
-    s4,
-    s5,
-    s6,
-    s7,
-    idx,
-    weights_ptr,
-    offs,
-    n,
-    SHADOW_DTYPE: tl.constexpr,
-    N_PROFILES: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    MASKED: tl.constexpr,
-):
+def _shadow_ptr(addrs_ptr, idx, fallback, K: tl.constexpr, SHADOW_DTYPE: tl.constexpr, N_PROFILES: tl.constexpr, ALIGNED: tl.constexpr):
+    """Profile ``K``'s shadow pointer; ``fallback`` (never dereferenced) past ``N_PROFILES``."""
+    ptr = fallback
+    if K < N_PROFILES:
+        ptr = tensor_ptr(addrs_ptr, idx, SHADOW_DTYPE, ALIGNED)
+    return ptr
+
+
+@triton.jit
+def _multi_entry(idx, args):
+    """The entry's parameter pointer and its K shadow pointers: the addresses are read once per entry."""
+    param_addrs_ptr, shadow_addrs, _, PARAM_DTYPE, SHADOW_DTYPE, N_PROFILES, ALIGNED = args
+    a0, a1, a2, a3, a4, a5, a6, a7 = shadow_addrs
+    p = tensor_ptr(param_addrs_ptr, idx, PARAM_DTYPE, ALIGNED)
+    s0 = tensor_ptr(a0, idx, SHADOW_DTYPE, ALIGNED)
+    return (
+        p,
+        s0,
+        _shadow_ptr(a1, idx, s0, 1, SHADOW_DTYPE, N_PROFILES, ALIGNED),
+        _shadow_ptr(a2, idx, s0, 2, SHADOW_DTYPE, N_PROFILES, ALIGNED),
+        _shadow_ptr(a3, idx, s0, 3, SHADOW_DTYPE, N_PROFILES, ALIGNED),
+        _shadow_ptr(a4, idx, s0, 4, SHADOW_DTYPE, N_PROFILES, ALIGNED),
+        _shadow_ptr(a5, idx, s0, 5, SHADOW_DTYPE, N_PROFILES, ALIGNED),
+        _shadow_ptr(a6, idx, s0, 6, SHADOW_DTYPE, N_PROFILES, ALIGNED),
+        _shadow_ptr(a7, idx, s0, 7, SHADOW_DTYPE, N_PROFILES, ALIGNED),
+    )
+
+
+@triton.jit
+def _shadow_mask(offs, n, w, MASKED: tl.constexpr):
+    # w == 0 is "no update this step": the shadow is neither read nor written (a predicated access,
+    # so that the K loads stay in flight together). Computing s + 0 * (p - s) would turn -0.0 into
+    # +0.0 and copy a NaN or inf of the parameter into the shadow.
+    # (The flag goes through int32: the interpreter's scalar comparisons make no boolean mask.)
+    on = (w != 0.0).to(tl.int32)
     if MASKED:
-        mask = offs < n
-        p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
+        mask = offs < n * on
+    else:
+        # Uniform over the block (a splat), so the access keeps its vector width.
+        mask = tl.zeros(offs.shape, tl.int32) + on != 0
+    return mask
+
+
+@triton.jit
+def _load_shadow(ptr, offs, n, w, p, K: tl.constexpr, N_PROFILES: tl.constexpr, MASKED: tl.constexpr):
+    s = p
+    if K < N_PROFILES:
+        s = tl.load(ptr + offs, mask=_shadow_mask(offs, n, w, MASKED), other=0.0).to(tl.float32)
+    return s
+
+
+@triton.jit
+def _store_shadow(ptr, offs, n, w, p, s, K: tl.constexpr, N_PROFILES: tl.constexpr, SHADOW_DTYPE: tl.constexpr, MASKED: tl.constexpr):
+    if K < N_PROFILES:
+        tl.store(ptr + offs, _round(_lerp(p, s, w), SHADOW_DTYPE), mask=_shadow_mask(offs, n, w, MASKED))
+
+
+@triton.jit
+def _multi_block(ptrs, offs, n, state, args, MASKED: tl.constexpr):
+    """One block of every profile: the parameter and all K shadows are loaded before any store."""
+    param_ptr, p0, p1, p2, p3, p4, p5, p6, p7 = ptrs
+    w0, w1, w2, w3, w4, w5, w6, w7 = args[2]
+    SHADOW_DTYPE: tl.constexpr = args[4]
+    N: tl.constexpr = args[5]
+    if MASKED:
+        p = tl.load(param_ptr + offs, mask=offs < n).to(tl.float32)
     else:
         p = tl.load(param_ptr + offs).to(tl.float32)
-    for k in tl.static_range(N_PROFILES):
-        # A scalar load per block and profile: it stays in cache, and reloading it spares
-        # carrying K scalars through the entry loop.
-        w = tl.load(weights_ptr + k)
-        # w == 0 is "no update this step": skip the shadow entirely. Computing s + 0 * (p - s)
-        # would turn -0.0 into +0.0 and copy a NaN or inf of the parameter into the shadow.
-        if w != 0.0:
-            shadow_ptr = tensor_ptr(_select(k, s0, s1, s2, s3, s4, s5, s6, s7), idx, SHADOW_DTYPE, ALIGNED)
-            if MASKED:
-                s = tl.load(shadow_ptr + offs, mask=mask).to(tl.float32)
-                tl.store(shadow_ptr + offs, _round(_lerp(p, s, w), SHADOW_DTYPE), mask=mask)
-            else:
-                s = tl.load(shadow_ptr + offs).to(tl.float32)
-                tl.store(shadow_ptr + offs, _round(_lerp(p, s, w), SHADOW_DTYPE))
+    s0 = _load_shadow(p0, offs, n, w0, p, 0, N, MASKED)
+    s1 = _load_shadow(p1, offs, n, w1, p, 1, N, MASKED)
+    s2 = _load_shadow(p2, offs, n, w2, p, 2, N, MASKED)
+    s3 = _load_shadow(p3, offs, n, w3, p, 3, N, MASKED)
+    s4 = _load_shadow(p4, offs, n, w4, p, 4, N, MASKED)
+    s5 = _load_shadow(p5, offs, n, w5, p, 5, N, MASKED)
+    s6 = _load_shadow(p6, offs, n, w6, p, 6, N, MASKED)
+    s7 = _load_shadow(p7, offs, n, w7, p, 7, N, MASKED)
+    _store_shadow(p0, offs, n, w0, p, s0, 0, N, SHADOW_DTYPE, MASKED)
+    _store_shadow(p1, offs, n, w1, p, s1, 1, N, SHADOW_DTYPE, MASKED)
+    _store_shadow(p2, offs, n, w2, p, s2, 2, N, SHADOW_DTYPE, MASKED)
+    _store_shadow(p3, offs, n, w3, p, s3, 3, N, SHADOW_DTYPE, MASKED)
+    _store_shadow(p4, offs, n, w4, p, s4, 4, N, SHADOW_DTYPE, MASKED)
+    _store_shadow(p5, offs, n, w5, p, s5, 5, N, SHADOW_DTYPE, MASKED)
+    _store_shadow(p6, offs, n, w6, p, s6, 6, N, SHADOW_DTYPE, MASKED)
+    _store_shadow(p7, offs, n, w7, p, s7, 7, N, SHADOW_DTYPE, MASKED)
+    return state
+
+
+@triton.jit
+def _profile_weight(weights_ptr, K: tl.constexpr, N_PROFILES: tl.constexpr):
+    """Profile ``K``'s weight, loaded once per program; 0 (never used) past ``N_PROFILES``."""
+    w = tl.load(weights_ptr)
+    if K < N_PROFILES:
+        w = tl.load(weights_ptr + K)
+    return w
 
 
 @triton.jit
@@ -133,54 +189,39 @@ def _ema_update_multi_kernel(
         # A compile-time branch: the unguarded kernel never loads the flag.
         active = tl.load(skip_ptr) == 0
     if active:
-        pid = tl.program_id(0).to(tl.int64)
-        for i in range(ENTRIES_PER_PROGRAM):
-            e = pid * ENTRIES_PER_PROGRAM + i
-            if e < n_entries:
-                idx, start, n = entry_range(e, entry_tensor_ptr, entry_block_ptr, numels_ptr, ENTRY)
-                param_ptr = tensor_ptr(param_addrs_ptr, idx, PARAM_DTYPE, ALIGNED)
-                for off in range(0, ENTRY, BLOCK):
-                    offs = start + off + tl.arange(0, BLOCK)
-                    if start + off + BLOCK <= n:
-                        _multi_block(
-                            param_ptr,
-                            shadow0_addrs_ptr,
-                            shadow1_addrs_ptr,
-                            shadow2_addrs_ptr,
-                            shadow3_addrs_ptr,
-                            shadow4_addrs_ptr,
-                            shadow5_addrs_ptr,
-                            shadow6_addrs_ptr,
-                            shadow7_addrs_ptr,
-                            idx,
-                            weights_ptr,
-                            offs,
-                            n,
-                            SHADOW_DTYPE,
-                            N_PROFILES,
-                            ALIGNED,
-                            MASKED=False,
-                        )
-                    elif start + off < n:
-                        _multi_block(
-                            param_ptr,
-                            shadow0_addrs_ptr,
-                            shadow1_addrs_ptr,
-                            shadow2_addrs_ptr,
-                            shadow3_addrs_ptr,
-                            shadow4_addrs_ptr,
-                            shadow5_addrs_ptr,
-                            shadow6_addrs_ptr,
-                            shadow7_addrs_ptr,
-                            idx,
-                            weights_ptr,
-                            offs,
-                            n,
-                            SHADOW_DTYPE,
-                            N_PROFILES,
-                            ALIGNED,
-                            MASKED=True,
-                        )
+        shadows = (
+            shadow0_addrs_ptr,
+            shadow1_addrs_ptr,
+            shadow2_addrs_ptr,
+            shadow3_addrs_ptr,
+            shadow4_addrs_ptr,
+            shadow5_addrs_ptr,
+            shadow6_addrs_ptr,
+            shadow7_addrs_ptr,
+        )
+        weights = (
+            _profile_weight(weights_ptr, 0, N_PROFILES),
+            _profile_weight(weights_ptr, 1, N_PROFILES),
+            _profile_weight(weights_ptr, 2, N_PROFILES),
+            _profile_weight(weights_ptr, 3, N_PROFILES),
+            _profile_weight(weights_ptr, 4, N_PROFILES),
+            _profile_weight(weights_ptr, 5, N_PROFILES),
+            _profile_weight(weights_ptr, 6, N_PROFILES),
+            _profile_weight(weights_ptr, 7, N_PROFILES),
+        )
+        walk_entries(
+            _multi_entry,
+            _multi_block,
+            n_entries * 0,
+            (param_addrs_ptr, shadows, weights, PARAM_DTYPE, SHADOW_DTYPE, N_PROFILES, ALIGNED),
+            numels_ptr,
+            entry_tensor_ptr,
+            entry_block_ptr,
+            n_entries,
+            ENTRY,
+            BLOCK,
+            ENTRIES_PER_PROGRAM,
+        )
 
 
 _update_multi = TableKernel(
