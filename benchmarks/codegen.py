@@ -166,15 +166,36 @@ def cases(only: str | None = None) -> list[Case]:
                 launcher = lambda t=table, w=weights, k=k, sk=skip, p=p, s=s: multi.ema_update_multi(
                     t, w, DTYPES[p], DTYPES[s], k, skip=sk
                 )
-                add(f"multi-k{k}-{p}-{s}{suffix}", "multi", multi._update_multi, launcher, size[p] + k * size[s], k * size[s])
+                add(
+                    f"multi-k{k}-{p}-{s}{suffix}",
+                    "multi",
+                    multi._update_multi,
+                    launcher,
+                    size[p] + k * size[s],
+                    k * size[s],
+                )
     for d in ("fp32", "bf16", "fp16"):
         for suffix, aligned in (("", True), ("-unaligned", False)):
             table = build_table(_tensors(d, aligned))
-            add(f"guard-{d}{suffix}", "guard", ema_update._nonfinite, lambda t=table: ema_update.nonfinite_(t, flag), size[d], 0)
+            add(
+                f"guard-{d}{suffix}",
+                "guard",
+                ema_update._nonfinite,
+                lambda t=table: ema_update.nonfinite_(t, flag),
+                size[d],
+                0,
+            )
     for d in ("fp32", "bf16", "fp16"):
         for suffix, aligned in (("", True), ("-unaligned", False)):
             table = build_table(_tensors(d, aligned), _tensors(d, aligned))
-            add(f"swap-{d}{suffix}", "swap", swap._swap, lambda t=table, d=d: swap.swap_(t, DTYPES[d]), 2 * size[d], 2 * size[d])
+            add(
+                f"swap-{d}{suffix}",
+                "swap",
+                swap._swap,
+                lambda t=table, d=d: swap.swap_(t, DTYPES[d]),
+                2 * size[d],
+                2 * size[d],
+            )
     for p in ("bf16", "fp16"):
         for suffix, aligned in (("", True), ("-unaligned", False)):
             params, shadows = _tensors(p, aligned), _tensors("fp32", aligned)
@@ -305,6 +326,14 @@ def analyse(case: Case, ptx: str, sass: str) -> dict[str, Any]:
         "occupancy": round(_occupancy(regs, shared, warps), 3),
         "access_bits": min(widths) if widths else None,
         "divisions": divs,
+        "vector_accesses": sorted(
+            {op for op in re.findall(r"(?:ld|st)\.global[.\w]*", ptx) if re.search(r"\.v\d\.", op)}
+        ),
+        "float_args": {
+            p.name: t
+            for p, t in zip(case.fn.params, _specialise(case.fn, case.kwargs)[0].values())
+            if t in ("fp32", "fp64")
+        },
         "bytes_per_elem": case.read + case.written,
     }
     vec = [i for i, (_, t) in enumerate(insts) if re.match(r"LDG\.E\.(64|128)\b", t) and not t.startswith("@")]
@@ -335,8 +364,11 @@ def analyse(case: Case, ptx: str, sass: str) -> dict[str, Any]:
         blocks[-1].append(t)
         if re.search(r"\b(BRA|EXIT)\b", t):
             blocks.append([])
-    hot = [t for b in blocks if not any(re.match(r"@!?P\d+ (LDG|STG)", t) for t in b) for t in b]
-    loaded = sum(int(m.group(1)) // 8 for t in hot if (m := re.match(r"LDG\.E\.(64|128)\b", t)))
+    # A masked tail's accesses are predicated scalars; a full block's may be predicated vectors (the
+    # K-profile kernel skips a profile whose weight is 0 with a uniform predicate).
+    tail = re.compile(r"@!?P\d+ (LDG|STG)\.E(\.U16|\.U8)?\s")
+    hot = [t for b in blocks if not any(tail.match(t) for t in b) for t in b]
+    loaded = sum(int(m.group(1)) // 8 for t in hot if (m := re.match(r"(?:@!?P\d+ )?LDG\.E\.(64|128)\b", t)))
     read = max(case.read, 1)
     elems = loaded / read if loaded else 0
     row["instr_per_elem"] = round(len(hot) / elems, 2) if elems else None

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from triton_ema.kernels.launch import TableKernel
+from triton_ema.kernels.launch import TableKernel, configs_for_dtypes
 from triton_ema.kernels.table import ENTRY, TensorTable, build_table, tensor_ptr, walk_entries
 from triton_ema.schedules import Schedule
 
@@ -67,9 +67,12 @@ def _round(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _ema_entry(idx, args):
+def _ema_entry(idx, args, meta: tl.constexpr):
     """The entry's (parameter, shadow) pointers."""
-    param_addrs_ptr, shadow_addrs_ptr, _, PARAM_DTYPE, SHADOW_DTYPE, ALIGNED = args
+    param_addrs_ptr, shadow_addrs_ptr, _ = args
+    PARAM_DTYPE: tl.constexpr = meta[0]
+    SHADOW_DTYPE: tl.constexpr = meta[1]
+    ALIGNED: tl.constexpr = meta[2]
     return (
         tensor_ptr(param_addrs_ptr, idx, PARAM_DTYPE, ALIGNED),
         tensor_ptr(shadow_addrs_ptr, idx, SHADOW_DTYPE, ALIGNED),
@@ -77,10 +80,10 @@ def _ema_entry(idx, args):
 
 
 @triton.jit
-def _ema_block(ptrs, offs, n, state, args, MASKED: tl.constexpr):
+def _ema_block(ptrs, offs, n, state, args, meta: tl.constexpr, MASKED: tl.constexpr):
     param_ptr, shadow_ptr = ptrs
     w = args[2]
-    SHADOW_DTYPE: tl.constexpr = args[4]
+    SHADOW_DTYPE: tl.constexpr = meta[1]
     if MASKED:
         mask = offs < n
         p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
@@ -135,12 +138,12 @@ def _ema_update_kernel(
         active = active & (tl.load(skip_ptr) == 0)
     if active:
         w = _weight(t, min_weight, max_weight, warmup_gamma, warmup_power, update_after_step, WARMUP)
-        args = (param_addrs_ptr, shadow_addrs_ptr, w, PARAM_DTYPE, SHADOW_DTYPE, ALIGNED)
         walk_entries(
             _ema_entry,
             _ema_block,
             n_entries * 0,
-            args,
+            (param_addrs_ptr, shadow_addrs_ptr, w),
+            (PARAM_DTYPE, SHADOW_DTYPE, ALIGNED),
             numels_ptr,
             entry_tensor_ptr,
             entry_block_ptr,
@@ -152,25 +155,26 @@ def _ema_update_kernel(
 
 
 _update = TableKernel(
-    _ema_update_kernel, key=["SIZE_BUCKET", "PARAM_DTYPE", "SHADOW_DTYPE", "WARMUP", "GUARDED", "ALIGNED"]
+    _ema_update_kernel,
+    key=["SIZE_BUCKET", "PARAM_DTYPE", "SHADOW_DTYPE", "WARMUP", "GUARDED", "ALIGNED"],
+    configs=lambda kw: configs_for_dtypes((kw["PARAM_DTYPE"], kw["SHADOW_DTYPE"])),
 )
 
 
 @triton.jit
-def _nonfinite_entry(idx, args):
-    addrs_ptr, DTYPE, ALIGNED = args
-    return tensor_ptr(addrs_ptr, idx, DTYPE, ALIGNED)
+def _nonfinite_entry(idx, args, meta: tl.constexpr):
+    return tensor_ptr(args[0], idx, meta[0], meta[1])
 
 
 @triton.jit
-def _nonfinite_block(x_ptr, offs, n, top, args, MASKED: tl.constexpr):
+def _nonfinite_block(x_ptr, offs, n, top, args, meta: tl.constexpr, MASKED: tl.constexpr):
     """``top`` raised to the element's exponent bits where they are higher.
 
     NaN and +-inf are the values whose exponent bits are all set, the largest the exponent field
     can hold: the running maximum of ``bits & EXPONENT`` reaches ``EXPONENT`` exactly when one of
     them was seen. The bits are read in the element's own width: no conversion to fp32.
     """
-    DTYPE: tl.constexpr = args[1]
+    DTYPE: tl.constexpr = meta[0]
     if DTYPE == tl.float32:
         bits_ptr = x_ptr.to(tl.pointer_type(tl.int32))
         exponent = 0x7F800000
@@ -206,7 +210,8 @@ def _nonfinite_kernel(
         _nonfinite_entry,
         _nonfinite_block,
         tl.zeros([BLOCK], dtype=tl.int32),
-        (addrs_ptr, DTYPE, ALIGNED),
+        (addrs_ptr,),
+        (DTYPE, ALIGNED),
         numels_ptr,
         entry_tensor_ptr,
         entry_block_ptr,
@@ -221,7 +226,9 @@ def _nonfinite_kernel(
     tl.store(flag_ptr, 1, mask=tl.max(top, axis=0) == exponent)
 
 
-_nonfinite = TableKernel(_nonfinite_kernel, key=["SIZE_BUCKET", "DTYPE", "ALIGNED"])
+_nonfinite = TableKernel(
+    _nonfinite_kernel, key=["SIZE_BUCKET", "DTYPE", "ALIGNED"], configs=lambda kw: configs_for_dtypes((kw["DTYPE"],))
+)
 
 
 def _schedule_args(schedule: Schedule) -> dict:

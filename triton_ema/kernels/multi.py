@@ -23,7 +23,7 @@ from torch import Tensor
 
 from triton_ema.kernels import MAX_PROFILES  # noqa: E402  (the kernel takes one address argument per profile)
 from triton_ema.kernels.ema_update import _TL_DTYPES, _round
-from triton_ema.kernels.launch import TableKernel
+from triton_ema.kernels.launch import CONFIGS_NARROW, TableKernel, configs_for_dtypes
 from triton_ema.kernels.table import ENTRY, TensorTable, build_table, tensor_ptr, walk_entries
 
 
@@ -40,28 +40,15 @@ def _lerp(p, s, w):
 
 
 @triton.jit
-def _select(K: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
-    """Argument ``K`` of ``a0..a7``, chosen at compile time."""
-    a = a0
-    if K == 1:
-        a = a1
-    elif K == 2:
-        a = a2
-    elif K == 3:
-        a = a3
-    elif K == 4:
-        a = a4
-    elif K == 5:
-        a = a5
-    elif K == 6:
-        a = a6
-    elif K == 7:
-        a = a7
-    return a
-
-
-@triton.jit
-def _shadow_ptr(addrs_ptr, idx, fallback, K: tl.constexpr, SHADOW_DTYPE: tl.constexpr, N_PROFILES: tl.constexpr, ALIGNED: tl.constexpr):
+def _shadow_ptr(
+    addrs_ptr,
+    idx,
+    fallback,
+    K: tl.constexpr,
+    SHADOW_DTYPE: tl.constexpr,
+    N_PROFILES: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
     """Profile ``K``'s shadow pointer; ``fallback`` (never dereferenced) past ``N_PROFILES``."""
     ptr = fallback
     if K < N_PROFILES:
@@ -70,9 +57,13 @@ def _shadow_ptr(addrs_ptr, idx, fallback, K: tl.constexpr, SHADOW_DTYPE: tl.cons
 
 
 @triton.jit
-def _multi_entry(idx, args):
+def _multi_entry(idx, args, meta: tl.constexpr):
     """The entry's parameter pointer and its K shadow pointers: the addresses are read once per entry."""
-    param_addrs_ptr, shadow_addrs, _, PARAM_DTYPE, SHADOW_DTYPE, N_PROFILES, ALIGNED = args
+    param_addrs_ptr, shadow_addrs, _ = args
+    PARAM_DTYPE: tl.constexpr = meta[0]
+    SHADOW_DTYPE: tl.constexpr = meta[1]
+    N_PROFILES: tl.constexpr = meta[2]
+    ALIGNED: tl.constexpr = meta[3]
     a0, a1, a2, a3, a4, a5, a6, a7 = shadow_addrs
     p = tensor_ptr(param_addrs_ptr, idx, PARAM_DTYPE, ALIGNED)
     s0 = tensor_ptr(a0, idx, SHADOW_DTYPE, ALIGNED)
@@ -113,18 +104,20 @@ def _load_shadow(ptr, offs, n, w, p, K: tl.constexpr, N_PROFILES: tl.constexpr, 
 
 
 @triton.jit
-def _store_shadow(ptr, offs, n, w, p, s, K: tl.constexpr, N_PROFILES: tl.constexpr, SHADOW_DTYPE: tl.constexpr, MASKED: tl.constexpr):
+def _store_shadow(
+    ptr, offs, n, w, p, s, K: tl.constexpr, N_PROFILES: tl.constexpr, SHADOW_DTYPE: tl.constexpr, MASKED: tl.constexpr
+):
     if K < N_PROFILES:
         tl.store(ptr + offs, _round(_lerp(p, s, w), SHADOW_DTYPE), mask=_shadow_mask(offs, n, w, MASKED))
 
 
 @triton.jit
-def _multi_block(ptrs, offs, n, state, args, MASKED: tl.constexpr):
+def _multi_block(ptrs, offs, n, state, args, meta: tl.constexpr, MASKED: tl.constexpr):
     """One block of every profile: the parameter and all K shadows are loaded before any store."""
     param_ptr, p0, p1, p2, p3, p4, p5, p6, p7 = ptrs
     w0, w1, w2, w3, w4, w5, w6, w7 = args[2]
-    SHADOW_DTYPE: tl.constexpr = args[4]
-    N: tl.constexpr = args[5]
+    SHADOW_DTYPE: tl.constexpr = meta[1]
+    N: tl.constexpr = meta[2]
     if MASKED:
         p = tl.load(param_ptr + offs, mask=offs < n).to(tl.float32)
     else:
@@ -213,7 +206,8 @@ def _ema_update_multi_kernel(
             _multi_entry,
             _multi_block,
             n_entries * 0,
-            (param_addrs_ptr, shadows, weights, PARAM_DTYPE, SHADOW_DTYPE, N_PROFILES, ALIGNED),
+            (param_addrs_ptr, shadows, weights),
+            (PARAM_DTYPE, SHADOW_DTYPE, N_PROFILES, ALIGNED),
             numels_ptr,
             entry_tensor_ptr,
             entry_block_ptr,
@@ -227,6 +221,10 @@ def _ema_update_multi_kernel(
 _update_multi = TableKernel(
     _ema_update_multi_kernel,
     key=["SIZE_BUCKET", "PARAM_DTYPE", "SHADOW_DTYPE", "N_PROFILES", "GUARDED", "ALIGNED"],
+    # Past 4 profiles, 8 elements per thread would take 140 to 240 registers: 4 then.
+    configs=lambda kw: (
+        CONFIGS_NARROW if kw["N_PROFILES"] > 4 else configs_for_dtypes((kw["PARAM_DTYPE"], kw["SHADOW_DTYPE"]))
+    ),
 )
 
 
@@ -336,17 +334,7 @@ def _multi_launch(
 def _profile_weights_kernel(
     step_ptr,
     out_ptr,
-    c0,
-    c1,
-    c2,
-    c3,
-    c4,
-    c5,
-    c6,
-    c7,
-    max_weight,
-    warmup_gamma,
-    warmup_power,
+    consts_ptr,
     update_after_step,
     update_every,
     POWER_PROFILES: tl.constexpr,
@@ -355,20 +343,23 @@ def _profile_weights_kernel(
 ):
     """``out[k]``: profile k's weight for step ``step[0]``, 0 when the step makes no update. One program.
 
-    Power-function profiles (``c_k = γ_k + 1``): ``w = 1 - (1 - Δt/u) ** c_k`` with ``Δt = update_every``,
-    a copy while ``u <= Δt``. Decays (``c_k = 1 - decay_k``): ``ema_update._weight``'s formulas with each
-    profile's smallest weight. In float64, so that ``1 - β`` keeps its precision at ``u`` up to 1e9.
+    ``consts`` (float64): ``c_0 .. c_7, max_weight, warmup_gamma, warmup_power``. Power-function profiles
+    (``c_k = γ_k + 1``): ``w = 1 - (1 - Δt/u) ** c_k`` with ``Δt = update_every``, a copy while ``u <= Δt``.
+    Decays (``c_k = 1 - decay_k``): ``ema_update._weight``'s formulas with each profile's smallest weight.
+    In float64, so that ``1 - β`` keeps its precision at ``u`` up to 1e9; the constants come in a float64
+    tensor because Python floats reach a kernel as fp32, rounded before any of this math.
     """
     t = tl.load(step_ptr)
     u = (t - update_after_step).to(tl.float64)
     due = t % update_every == 0
-    # Scalars joined to a float64 value (``zero + x``) rather than cast: the interpreter hands
-    # plain Python numbers to the kernel, which have no ``.to``.
-    zero = u * 0.0
+    max_weight = tl.load(consts_ptr + 8)
+    warmup_gamma = tl.load(consts_ptr + 9)
+    warmup_power = tl.load(consts_ptr + 10)
     for k in tl.static_range(N_PROFILES):
-        c = zero + _select(k, c0, c1, c2, c3, c4, c5, c6, c7)
+        c = tl.load(consts_ptr + k)
         if POWER_PROFILES:
-            dt = zero + update_every
+            dt = (u * 0.0) + update_every
+            # A float64 ``/`` compiles to div.rn.f64, correctly rounded (div_rn takes fp32 only).
             ratio = dt / tl.maximum(u, dt + 1.0)
             w = 1.0 - tl.exp2(c * tl.log2(1.0 - ratio))
             w = tl.where(u <= dt, 1.0, w)
@@ -376,11 +367,11 @@ def _profile_weights_kernel(
             if WARMUP == 1:
                 w = tl.maximum(c, 9.0 / (10.0 + tl.maximum(u, 0.0)))
             elif WARMUP == 2:
-                base = 1.0 + tl.maximum(u - 1.0, 0.0) / (zero + warmup_gamma)
-                w = tl.maximum(c, tl.exp2(-(zero + warmup_power) * tl.log2(base)))
+                base = 1.0 + tl.maximum(u - 1.0, 0.0) / warmup_gamma
+                w = tl.maximum(c, tl.exp2(-warmup_power * tl.log2(base)))
             else:
                 w = c
-            w = tl.minimum(w, zero + max_weight)
+            w = tl.minimum(w, max_weight)
             copy = u <= 0.0
             if WARMUP == 2:
                 copy = copy | (u == 1.0)
@@ -403,13 +394,12 @@ def profile_weights_(step: Tensor, profiles, out: Tensor) -> Tensor:
     if launch is None:
         consts = [m.gamma + 1.0 if power else m.min_weight for m in profiles.members]
         consts += [0.0] * (MAX_PROFILES - len(consts))
+        consts += [1.0, 1.0, 1.0] if power else [first.max_weight, first.warmup_gamma, first.warmup_power]
         kwargs = {
             "step_ptr": step,
             "out_ptr": out,
-            **{f"c{k}": float(c) for k, c in enumerate(consts)},
-            "max_weight": 1.0 if power else float(first.max_weight),
-            "warmup_gamma": 1.0 if power else float(first.warmup_gamma),
-            "warmup_power": 1.0 if power else float(first.warmup_power),
+            # Kept alive by the bound launch: built once per key, not per step.
+            "consts_ptr": torch.tensor(consts, dtype=torch.float64, device=step.device),
             "update_after_step": int(first.update_after_step),
             "update_every": int(first.update_every),
             "POWER_PROFILES": power,

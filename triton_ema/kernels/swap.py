@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from triton_ema.kernels.ema_update import _TL_DTYPES, _round
-from triton_ema.kernels.launch import TableKernel
+from triton_ema.kernels.launch import TableKernel, configs_for_dtypes
 from triton_ema.kernels.table import ENTRY, TensorTable, build_table, build_tables, tensor_ptr, walk_entries
 
 MODE_SWAP = 0
@@ -24,9 +24,13 @@ MODE_RESTORE = 2
 
 
 @triton.jit
-def _swap_entry(idx, args):
+def _swap_entry(idx, args, meta: tl.constexpr):
     """The entry's (a, b, c) pointers; the slots the mode never touches are not read (a stands in)."""
-    a_addrs_ptr, b_addrs_ptr, c_addrs_ptr, A_DTYPE, B_DTYPE, MODE, ALIGNED = args
+    a_addrs_ptr, b_addrs_ptr, c_addrs_ptr = args
+    A_DTYPE: tl.constexpr = meta[0]
+    B_DTYPE: tl.constexpr = meta[1]
+    MODE: tl.constexpr = meta[2]
+    ALIGNED: tl.constexpr = meta[3]
     a_ptr = tensor_ptr(a_addrs_ptr, idx, A_DTYPE, ALIGNED)
     b_ptr = a_ptr.to(tl.pointer_type(B_DTYPE))
     c_ptr = a_ptr
@@ -38,10 +42,10 @@ def _swap_entry(idx, args):
 
 
 @triton.jit
-def _swap_block(ptrs, offs, n, state, args, MASKED: tl.constexpr):
+def _swap_block(ptrs, offs, n, state, args, meta: tl.constexpr, MASKED: tl.constexpr):
     a_ptr, b_ptr, c_ptr = ptrs
-    A_DTYPE: tl.constexpr = args[3]
-    MODE: tl.constexpr = args[5]
+    A_DTYPE: tl.constexpr = meta[0]
+    MODE: tl.constexpr = meta[2]
     mask = offs < n if MASKED else None
     if MODE == 0:
         a = tl.load(a_ptr + offs, mask=mask)
@@ -81,7 +85,8 @@ def _swap_kernel(
         _swap_entry,
         _swap_block,
         n_entries * 0,
-        (a_addrs_ptr, b_addrs_ptr, c_addrs_ptr, A_DTYPE, B_DTYPE, MODE, ALIGNED),
+        (a_addrs_ptr, b_addrs_ptr, c_addrs_ptr),
+        (A_DTYPE, B_DTYPE, MODE, ALIGNED),
         numels_ptr,
         entry_tensor_ptr,
         entry_block_ptr,
@@ -92,7 +97,14 @@ def _swap_kernel(
     )
 
 
-_swap = TableKernel(_swap_kernel, key=["SIZE_BUCKET", "A_DTYPE", "B_DTYPE", "MODE", "ALIGNED"])
+_swap = TableKernel(
+    _swap_kernel,
+    key=["SIZE_BUCKET", "A_DTYPE", "B_DTYPE", "MODE", "ALIGNED"],
+    # The swap and the restore move one dtype; the backup reads the shadow's too.
+    configs=lambda kw: configs_for_dtypes(
+        (kw["A_DTYPE"], kw["B_DTYPE"]) if kw["MODE"] == MODE_BACKUP_AND_LOAD else (kw["A_DTYPE"],)
+    ),
+)
 
 
 def _launch(table: TensorTable, mode: int, a_dtype: torch.dtype, b_dtype: torch.dtype) -> None:

@@ -121,6 +121,7 @@ def walk_entries(
     block_fn: tl.constexpr,
     state,
     args,
+    meta: tl.constexpr,
     numels_ptr,
     entry_tensor_ptr,
     entry_block_ptr,
@@ -131,9 +132,10 @@ def walk_entries(
 ):
     """Run ``block_fn`` over every block of this program's entries; returns the carried ``state``.
 
-    ``ptrs = entry_fn(idx, args)`` is called once per entry with the entry's tensor index (the slot
-    addresses are read there, once per entry); ``state = block_fn(ptrs, offs, n, state, args, MASKED)``
-    once per block of ``BLOCK`` elements. Whether the entry is full is decided once: a full entry's
+    ``ptrs = entry_fn(idx, args, meta)`` is called once per entry with the entry's tensor index (the
+    slot addresses are read there, once per entry); ``state = block_fn(ptrs, offs, n, state, args, meta,
+    MASKED)`` once per block of ``BLOCK`` elements. ``args`` is a tuple of run-time values, ``meta`` one
+    of compile-time values (dtypes, flags). Whether the entry is full is decided once: a full entry's
     blocks are unrolled and unmasked, so their loads can be in flight together; only a tensor's last
     entry takes the masked path. ``state`` must be a tensor (a loop carries it).
     """
@@ -142,12 +144,12 @@ def walk_entries(
         e = pid * ENTRIES_PER_PROGRAM + i
         if e < n_entries:
             idx, start, n = entry_range(e, entry_tensor_ptr, entry_block_ptr, numels_ptr, ENTRY)
-            ptrs = entry_fn(idx, args)
+            ptrs = entry_fn(idx, args, meta)
             if start + ENTRY <= n:
                 for off in tl.static_range(0, ENTRY, BLOCK):
-                    state = block_fn(ptrs, start + off + tl.arange(0, BLOCK), n, state, args, False)
+                    state = block_fn(ptrs, start + off + tl.arange(0, BLOCK), n, state, args, meta, False)
             else:
                 for off in range(0, ENTRY, BLOCK):
                     if start + off < n:
-                        state = block_fn(ptrs, start + off + tl.arange(0, BLOCK), n, state, args, True)
+                        state = block_fn(ptrs, start + off + tl.arange(0, BLOCK), n, state, args, meta, True)
     return state
