@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call of the lent GPU machine (device tool): `bash benchmarks/gpu_session.sh tests` runs the test suite on
 # CUDA (the kernels for real): first the `gpu`-marked tests, then all the others, so that nothing runs twice;
-# `bash benchmarks/gpu_session.sh bench` runs the benchmark report. Each mode fits one 10-minute call.
+# `bash benchmarks/gpu_session.sh bench` runs the benchmark report. Each mode fits one 10-minute call. Both first
+# write the static sm_90a codegen report (`python -m benchmarks.codegen`, every kernel in every autotune config)
+# to $OUT/codegen, so that the autotuner's picks on the device can be read against it.
 # Logs, JUnit reports and results go under $OUT when set.
 #
 # The machine has no package registry: the project runs from the tree (PYTHONPATH=.), tests whose peer packages
@@ -17,11 +19,11 @@ out="${OUT:-/tmp/triton-ema-gpu}"
 mkdir -p "$out"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-# Seconds per pytest run; the defaults leave a minute of a 600 s call for start-up and the copy back. The gpu
-# run compiles every autotune config of every kernel (the config sweeps), so it gets half.
+# Seconds per pytest run; with the codegen report (90 s) the defaults leave a minute of a 600 s call for start-up
+# and the copy back. The gpu run compiles every autotune config of every kernel (the config sweeps), so it gets the most.
 GPU_TESTS_S="${GPU_TESTS_S:-270}"
-OTHER_TESTS_S="${OTHER_TESTS_S:-270}"
-BENCH_S="${BENCH_S:-540}"
+OTHER_TESTS_S="${OTHER_TESTS_S:-200}"
+BENCH_S="${BENCH_S:-450}"
 
 if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
@@ -37,6 +39,16 @@ if not torch.cuda.is_available():
 
 failed=()
 summaries=()
+
+# The static codegen report (no GPU needed; the compiles are cached by Triton). Its failure is reported, not fatal.
+CODEGEN_S="${CODEGEN_S:-90}"
+echo "== codegen: python -m benchmarks.codegen --out $out/codegen (limit ${CODEGEN_S}s)"
+if timeout --signal=INT --kill-after=30 "$CODEGEN_S" python3 -m benchmarks.codegen --out "$out/codegen" --jobs "$(nproc)" \
+    >"$out/codegen.log" 2>&1; then
+    summaries+=("codegen: OK ($out/codegen/report.json)")
+else
+    summaries+=("codegen: FAILED (see $out/codegen.log)")
+fi
 
 # run_tests NAME SECONDS PYTEST_ARGS...: one pytest run under a time limit, judged from its exit status and its
 # JUnit report.

@@ -72,7 +72,8 @@ def stub_launches() -> list[StubKernel]:
         for obj in vars(module).values():
             if isinstance(obj, launch.TableKernel):
                 stub = StubKernel()
-                obj.kernel = obj.tuned = stub
+                obj.kernel = stub
+                obj.make_autotuner = lambda configs, stub=stub: stub
                 stubs.append(stub)
     if not stubs:
         raise RuntimeError("no TableKernel found in triton_ema.kernels: the stubs would not be used")

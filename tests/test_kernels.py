@@ -182,8 +182,8 @@ def test_interpreter_never_autotunes():
     params, shadows = [torch.randn(10)], [torch.zeros(10)]
     ema_update(build_table(params, shadows), torch.tensor([1]), Schedule(), torch.float32, torch.float32)
     nonfinite_(build_table(params), torch.zeros(1, dtype=torch.int32))
-    assert _update.tuned.cache == {} and _update.chosen == {}
-    assert _nonfinite.tuned.cache == {} and _nonfinite.chosen == {}
+    assert _update.autotuners == {} and _update.chosen == {}
+    assert _nonfinite.autotuners == {} and _nonfinite.chosen == {}
 
 
 @pytest.mark.gpu
@@ -239,7 +239,7 @@ def test_tuning_runs_on_scratch_once_per_key_and_live_launches_once(monkeypatch)
 
     monkeypatch.setattr(launch, "interpreting", lambda: False)
     monkeypatch.setattr(triton, "autotune", lambda **_: lambda kernel: Recorder("autotuner"))
-    table_kernel = launch.TableKernel(Recorder("kernel"), key=["SIZE_BUCKET"])
+    table_kernel = launch.TableKernel(Recorder("kernel"), key=["SIZE_BUCKET"], configs=lambda kw: launch.CONFIGS_32)
     scratch_calls = []
 
     def scratch():
@@ -276,7 +276,7 @@ def test_cached_launch_binds_once_per_table_and_key_then_replays(monkeypatch):
 
     monkeypatch.setattr(launch, "interpreting", lambda: False)
     monkeypatch.setattr(triton, "autotune", lambda **_: lambda kernel: Recorder("autotuner"))
-    table_kernel = launch.TableKernel(Recorder("kernel"), key=["SIZE_BUCKET"])
+    table_kernel = launch.TableKernel(Recorder("kernel"), key=["SIZE_BUCKET"], configs=lambda kw: launch.CONFIGS_32)
 
     class Table:
         pass

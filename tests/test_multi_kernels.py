@@ -296,7 +296,7 @@ def test_refuses_bad_arguments():
 def test_interpreter_never_autotunes():
     params, profiles = [torch.randn(10)], [[torch.zeros(10)], [torch.zeros(10)]]
     ema_update_multi(build_table(params, *profiles), torch.full((2,), 0.5), torch.float32, torch.float32, 2)
-    assert _update_multi.tuned.cache == {} and _update_multi.chosen == {}
+    assert _update_multi.autotuners == {} and _update_multi.chosen == {}
 
 
 @pytest.mark.gpu

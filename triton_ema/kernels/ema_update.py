@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from triton_ema.kernels.launch import TableKernel
-from triton_ema.kernels.table import ENTRY, TensorTable, build_table, entry_range, tensor_ptr
+from triton_ema.kernels.launch import TableKernel, configs_for_dtypes
+from triton_ema.kernels.table import ENTRY, TensorTable, build_table, tensor_ptr, walk_entries
 from triton_ema.schedules import Schedule
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -30,10 +30,13 @@ def _weight(t, min_weight, max_weight, warmup_gamma, warmup_power, update_after_
     uf = u.to(tl.float32)
     if WARMUP == 1:
         # 1 - (1 + u) / (10 + u), written without the cancelling subtraction.
-        w = tl.maximum(min_weight, 9.0 / (10.0 + uf))
+        # div_rn: a plain ``/`` compiles to div.full.f32 (a reciprocal, then a multiply), which
+        # differs from the correctly rounded weight of the torch path on about a quarter of steps.
+        w = tl.maximum(min_weight, tl.math.div_rn(uf * 0.0 + 9.0, 10.0 + uf))
     elif WARMUP == 2:
         # Clamped at 0 so that u <= 0 (a copy anyway) takes no log of zero.
-        w = tl.maximum(min_weight, tl.exp2(-warmup_power * tl.log2(1.0 + tl.maximum(uf - 1.0, 0.0) / warmup_gamma)))
+        base = 1.0 + tl.math.div_rn(tl.maximum(uf - 1.0, 0.0), uf * 0.0 + warmup_gamma)
+        w = tl.maximum(min_weight, tl.exp2(-warmup_power * tl.log2(base)))
     else:
         w = min_weight
     w = tl.minimum(w, max_weight)
@@ -64,7 +67,23 @@ def _round(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _ema_block(param_ptr, shadow_ptr, offs, n, w, SHADOW_DTYPE: tl.constexpr, MASKED: tl.constexpr):
+def _ema_entry(idx, args, meta: tl.constexpr):
+    """The entry's (parameter, shadow) pointers."""
+    param_addrs_ptr, shadow_addrs_ptr, _ = args
+    PARAM_DTYPE: tl.constexpr = meta[0]
+    SHADOW_DTYPE: tl.constexpr = meta[1]
+    ALIGNED: tl.constexpr = meta[2]
+    return (
+        tensor_ptr(param_addrs_ptr, idx, PARAM_DTYPE, ALIGNED),
+        tensor_ptr(shadow_addrs_ptr, idx, SHADOW_DTYPE, ALIGNED),
+    )
+
+
+@triton.jit
+def _ema_block(ptrs, offs, n, state, args, meta: tl.constexpr, MASKED: tl.constexpr):
+    param_ptr, shadow_ptr = ptrs
+    w = args[2]
+    SHADOW_DTYPE: tl.constexpr = meta[1]
     if MASKED:
         mask = offs < n
         p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
@@ -83,6 +102,7 @@ def _ema_block(param_ptr, shadow_ptr, offs, n, w, SHADOW_DTYPE: tl.constexpr, MA
         tl.store(shadow_ptr + offs, _round(new, SHADOW_DTYPE), mask=mask)
     else:
         tl.store(shadow_ptr + offs, _round(new, SHADOW_DTYPE))
+    return state
 
 
 @triton.jit
@@ -118,36 +138,55 @@ def _ema_update_kernel(
         active = active & (tl.load(skip_ptr) == 0)
     if active:
         w = _weight(t, min_weight, max_weight, warmup_gamma, warmup_power, update_after_step, WARMUP)
-        pid = tl.program_id(0).to(tl.int64)
-        for i in range(ENTRIES_PER_PROGRAM):
-            e = pid * ENTRIES_PER_PROGRAM + i
-            if e < n_entries:
-                idx, start, n = entry_range(e, entry_tensor_ptr, entry_block_ptr, numels_ptr, ENTRY)
-                param_ptr = tensor_ptr(param_addrs_ptr, idx, PARAM_DTYPE, ALIGNED)
-                shadow_ptr = tensor_ptr(shadow_addrs_ptr, idx, SHADOW_DTYPE, ALIGNED)
-                for off in range(0, ENTRY, BLOCK):
-                    offs = start + off + tl.arange(0, BLOCK)
-                    if start + off + BLOCK <= n:
-                        _ema_block(param_ptr, shadow_ptr, offs, n, w, SHADOW_DTYPE, MASKED=False)
-                    elif start + off < n:
-                        _ema_block(param_ptr, shadow_ptr, offs, n, w, SHADOW_DTYPE, MASKED=True)
+        walk_entries(
+            _ema_entry,
+            _ema_block,
+            n_entries * 0,
+            (param_addrs_ptr, shadow_addrs_ptr, w),
+            (PARAM_DTYPE, SHADOW_DTYPE, ALIGNED),
+            numels_ptr,
+            entry_tensor_ptr,
+            entry_block_ptr,
+            n_entries,
+            ENTRY,
+            BLOCK,
+            ENTRIES_PER_PROGRAM,
+        )
 
 
 _update = TableKernel(
-    _ema_update_kernel, key=["SIZE_BUCKET", "PARAM_DTYPE", "SHADOW_DTYPE", "WARMUP", "GUARDED", "ALIGNED"]
+    _ema_update_kernel,
+    key=["SIZE_BUCKET", "PARAM_DTYPE", "SHADOW_DTYPE", "WARMUP", "GUARDED", "ALIGNED"],
+    configs=lambda kw: configs_for_dtypes((kw["PARAM_DTYPE"], kw["SHADOW_DTYPE"])),
 )
 
 
 @triton.jit
-def _nonfinite_block(x_ptr, offs, n, MASKED: tl.constexpr):
-    """1 where the element is NaN or +-inf (all exponent bits set in fp32), else 0."""
-    if MASKED:
-        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+def _nonfinite_entry(idx, args, meta: tl.constexpr):
+    return tensor_ptr(args[0], idx, meta[0], meta[1])
+
+
+@triton.jit
+def _nonfinite_block(x_ptr, offs, n, top, args, meta: tl.constexpr, MASKED: tl.constexpr):
+    """``top`` raised to the element's exponent bits where they are higher.
+
+    NaN and +-inf are the values whose exponent bits are all set, the largest the exponent field
+    can hold: the running maximum of ``bits & EXPONENT`` reaches ``EXPONENT`` exactly when one of
+    them was seen. The bits are read in the element's own width: no conversion to fp32.
+    """
+    DTYPE: tl.constexpr = meta[0]
+    if DTYPE == tl.float32:
+        bits_ptr = x_ptr.to(tl.pointer_type(tl.int32))
+        exponent = 0x7F800000
     else:
-        x = tl.load(x_ptr + offs).to(tl.float32)
-    # Widening bf16 and fp16 to fp32 keeps NaN and inf, so one bit test covers every dtype.
-    bits = x.to(tl.uint32, bitcast=True)
-    return ((bits & 0x7F800000) == 0x7F800000).to(tl.int32)
+        # Widened to int32 with the sign: the mask below drops it.
+        bits_ptr = x_ptr.to(tl.pointer_type(tl.int16))
+        exponent = 0x7F80 if DTYPE == tl.bfloat16 else 0x7C00
+    if MASKED:
+        bits = tl.load(bits_ptr + offs, mask=offs < n, other=0)
+    else:
+        bits = tl.load(bits_ptr + offs)
+    return tl.maximum(top, bits.to(tl.int32) & exponent)
 
 
 @triton.jit
@@ -165,27 +204,31 @@ def _nonfinite_kernel(
     BLOCK: tl.constexpr,
     ENTRIES_PER_PROGRAM: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
     # Accumulated per lane and reduced once per program: a reduction per block would cost
     # shared-memory round trips in a kernel that should run at copy speed.
-    bad = tl.zeros([BLOCK], dtype=tl.int32)
-    for i in range(ENTRIES_PER_PROGRAM):
-        e = pid * ENTRIES_PER_PROGRAM + i
-        if e < n_entries:
-            idx, start, n = entry_range(e, entry_tensor_ptr, entry_block_ptr, numels_ptr, ENTRY)
-            x_ptr = tensor_ptr(addrs_ptr, idx, DTYPE, ALIGNED)
-            for off in range(0, ENTRY, BLOCK):
-                offs = start + off + tl.arange(0, BLOCK)
-                if start + off + BLOCK <= n:
-                    bad = bad | _nonfinite_block(x_ptr, offs, n, MASKED=False)
-                elif start + off < n:
-                    bad = bad | _nonfinite_block(x_ptr, offs, n, MASKED=True)
+    top = walk_entries(
+        _nonfinite_entry,
+        _nonfinite_block,
+        tl.zeros([BLOCK], dtype=tl.int32),
+        (addrs_ptr,),
+        (DTYPE, ALIGNED),
+        numels_ptr,
+        entry_tensor_ptr,
+        entry_block_ptr,
+        n_entries,
+        ENTRY,
+        BLOCK,
+        ENTRIES_PER_PROGRAM,
+    )
+    exponent = 0x7F800000 if DTYPE == tl.float32 else (0x7F80 if DTYPE == tl.bfloat16 else 0x7C00)
     # Programs only ever store the same 1, so concurrent stores need no atomics; a clean
     # program stores nothing and cannot lower a flag another program raised.
-    tl.store(flag_ptr, 1, mask=tl.max(bad, axis=0) > 0)
+    tl.store(flag_ptr, 1, mask=tl.max(top, axis=0) == exponent)
 
 
-_nonfinite = TableKernel(_nonfinite_kernel, key=["SIZE_BUCKET", "DTYPE", "ALIGNED"])
+_nonfinite = TableKernel(
+    _nonfinite_kernel, key=["SIZE_BUCKET", "DTYPE", "ALIGNED"], configs=lambda kw: configs_for_dtypes((kw["DTYPE"],))
+)
 
 
 def _schedule_args(schedule: Schedule) -> dict:

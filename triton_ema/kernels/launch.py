@@ -19,13 +19,50 @@ import triton
 
 from triton_ema.kernels import interpreting
 
-#: Configs tried on a GPU. Every BLOCK divides the table's ENTRY.
-CONFIGS = [
-    triton.Config({"BLOCK": block, "ENTRIES_PER_PROGRAM": per_program}, num_warps=warps)
-    for block in (1024, 4096)
-    for per_program in (1, 4, 16)
-    for warps in (4, 8)
-]
+#: Entries per program tried on a GPU, with every (BLOCK, num_warps) below.
+ENTRIES_PER_PROGRAM = (1, 4, 16)
+
+#: (BLOCK, num_warps) per kind of data, so that every access is 128 bits wide and no config converts
+#: layouts through shared memory (read from the sm_90 code: ``python -m benchmarks.codegen``).
+#: 32-bit data only: 4 elements per thread and access; 8 or 4 per thread, both whole vectors.
+SHAPES_32 = ((1024, 4), (1024, 8))
+#: 16-bit data only: 8 elements per thread make a 128-bit access.
+SHAPES_16 = ((1024, 4), (2048, 8))
+#: A 16-bit parameter with 32-bit shadows: a store moves at most 128 bits per thread (4 fp32), and a load
+#: takes as many elements as the widest load of the kernel, so any config giving a thread more than 4
+#: elements loads 8 and converts to the stores' 4 through shared memory. 4 per thread: the 16-bit
+#: parameter then moves in 64-bit accesses, the 32-bit shadows in 128-bit ones.
+SHAPES_MIXED = ((1024, 8),)
+
+
+def _configs(shapes: tuple[tuple[int, int], ...]) -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK": block, "ENTRIES_PER_PROGRAM": per_program}, num_warps=warps)
+        for block, warps in shapes
+        for per_program in ENTRIES_PER_PROGRAM
+    ]
+
+
+CONFIGS_32, CONFIGS_16, CONFIGS_MIXED = _configs(SHAPES_32), _configs(SHAPES_16), _configs(SHAPES_MIXED)
+
+#: At most 4 elements per thread, whatever the dtypes: for kernels that hold many values per element
+#: (the K-profile update with K > 4), so that registers stay under 128 per thread.
+#: One entry per program: with more, the unrolled entry loop takes up to 148 registers (bf16, K = 8).
+CONFIGS_NARROW = [c for c in CONFIGS_MIXED if c.kwargs["ENTRIES_PER_PROGRAM"] == 1]
+
+#: Every config any kernel may be launched with. Every BLOCK divides the table's ENTRY.
+CONFIGS = _configs(tuple(dict.fromkeys(SHAPES_32 + SHAPES_16 + SHAPES_MIXED)))
+
+
+def configs_for_dtypes(dtypes: tuple[Any, ...]) -> list[triton.Config]:
+    """The configs for a kernel whose data has these element types (``tl`` dtypes)."""
+    bits = {d.primitive_bitwidth for d in dtypes}
+    if bits == {32}:
+        return CONFIGS_32
+    if bits == {16}:
+        return CONFIGS_16
+    return CONFIGS_MIXED
+
 
 #: The interpreter cannot time configs ("0 active drivers"). This one exercises the
 #: full-block and tail paths and the per-program entry loop on small tensors.
@@ -43,11 +80,29 @@ def _grid(n_entries: int) -> Callable[[dict[str, Any]], tuple[int]]:
 class TableKernel:
     """A ``@triton.jit`` table kernel together with its autotuned twin and the configs chosen per key."""
 
-    def __init__(self, kernel: Any, key: list[str]) -> None:
+    def __init__(self, kernel: Any, key: list[str], configs: Callable[[dict[str, Any]], list[triton.Config]]) -> None:
+        """``configs(kwargs)``: the configs for a launch, one of this module's lists (chosen by the key's dtypes)."""
         self.kernel = kernel
         self.key = key
-        self.tuned = triton.autotune(configs=CONFIGS, key=key)(kernel)
+        self.configs = configs
+        self.autotuners: dict[int, Any] = {}
         self.chosen: dict[tuple[Any, ...], triton.Config] = {}
+
+    def make_autotuner(self, configs: list[triton.Config]) -> Any:
+        return triton.autotune(configs=configs, key=self.key)(self.kernel)
+
+    def configs_for(self, kwargs: dict[str, Any]) -> list[triton.Config]:
+        """The configs the autotuner may pick for a launch with ``kwargs``."""
+        return self.configs(kwargs)
+
+    def _tune(self, scratch: Callable[[], tuple[int, dict[str, Any]]], kwargs: dict[str, Any]) -> triton.Config:
+        configs = self.configs_for(kwargs)
+        tuned = self.autotuners.get(id(configs))
+        if tuned is None:
+            tuned = self.autotuners[id(configs)] = self.make_autotuner(configs)
+        scratch_entries, scratch_kwargs = scratch()
+        tuned[_grid(scratch_entries)](**scratch_kwargs)
+        return tuned.best_config
 
     def __call__(self, scratch: Callable[[], tuple[int, dict[str, Any]]], **kwargs: Any) -> None:
         """Launch over the ``n_entries`` table entries named in ``kwargs``.
@@ -65,9 +120,7 @@ class TableKernel:
         key = tuple(kwargs[k] for k in self.key)
         config = self.chosen.get(key)
         if config is None:
-            scratch_entries, scratch_kwargs = scratch()
-            self.tuned[_grid(scratch_entries)](**scratch_kwargs)
-            config = self.chosen[key] = self.tuned.best_config
+            config = self.chosen[key] = self._tune(scratch, kwargs)
         # Launch the chosen config directly: the autotuner's per-call key building is
         # host overhead on every step, and it has nothing left to decide.
         self.kernel[_grid(n_entries)](**kwargs, **config.all_kwargs())
@@ -103,9 +156,7 @@ class TableKernel:
         tuned_key = tuple(kwargs[k] for k in self.key)
         config = self.chosen.get(tuned_key)
         if config is None:
-            scratch_entries, scratch_kwargs = scratch()
-            self.tuned[_grid(scratch_entries)](**scratch_kwargs)
-            config = self.chosen[tuned_key] = self.tuned.best_config
+            config = self.chosen[tuned_key] = self._tune(scratch, kwargs)
         launch = functools.partial(self.kernel[_grid(n_entries)], **kwargs, **config.all_kwargs())
         store[ident] = launch
         launch()

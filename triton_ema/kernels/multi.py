@@ -23,8 +23,8 @@ from torch import Tensor
 
 from triton_ema.kernels import MAX_PROFILES  # noqa: E402  (the kernel takes one address argument per profile)
 from triton_ema.kernels.ema_update import _TL_DTYPES, _round
-from triton_ema.kernels.launch import TableKernel
-from triton_ema.kernels.table import ENTRY, TensorTable, build_table, entry_range, tensor_ptr
+from triton_ema.kernels.launch import CONFIGS_NARROW, TableKernel, configs_for_dtypes
+from triton_ema.kernels.table import ENTRY, TensorTable, build_table, tensor_ptr, walk_entries
 
 
 @triton.jit
@@ -40,65 +40,114 @@ def _lerp(p, s, w):
 
 
 @triton.jit
-def _select(K: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
-    """Argument ``K`` of ``a0..a7``, chosen at compile time."""
-    a = a0
-    if K == 1:
-        a = a1
-    elif K == 2:
-        a = a2
-    elif K == 3:
-        a = a3
-    elif K == 4:
-        a = a4
-    elif K == 5:
-        a = a5
-    elif K == 6:
-        a = a6
-    elif K == 7:
-        a = a7
-    return a
-
-
-@triton.jit
-def _multi_block(
-    param_ptr,
-    s0,
-    s1,
-    s2,
-    s3,
-    s4,
-    s5,
-    s6,
-    s7,
+def _shadow_ptr(
+    addrs_ptr,
     idx,
-    weights_ptr,
-    offs,
-    n,
+    fallback,
+    K: tl.constexpr,
     SHADOW_DTYPE: tl.constexpr,
     N_PROFILES: tl.constexpr,
     ALIGNED: tl.constexpr,
-    MASKED: tl.constexpr,
 ):
+    """Profile ``K``'s shadow pointer; ``fallback`` (never dereferenced) past ``N_PROFILES``."""
+    ptr = fallback
+    if K < N_PROFILES:
+        ptr = tensor_ptr(addrs_ptr, idx, SHADOW_DTYPE, ALIGNED)
+    return ptr
+
+
+@triton.jit
+def _multi_entry(idx, args, meta: tl.constexpr):
+    """The entry's parameter pointer and its K shadow pointers: the addresses are read once per entry."""
+    param_addrs_ptr, shadow_addrs, _ = args
+    PARAM_DTYPE: tl.constexpr = meta[0]
+    SHADOW_DTYPE: tl.constexpr = meta[1]
+    N_PROFILES: tl.constexpr = meta[2]
+    ALIGNED: tl.constexpr = meta[3]
+    a0, a1, a2, a3, a4, a5, a6, a7 = shadow_addrs
+    p = tensor_ptr(param_addrs_ptr, idx, PARAM_DTYPE, ALIGNED)
+    s0 = tensor_ptr(a0, idx, SHADOW_DTYPE, ALIGNED)
+    return (
+        p,
+        s0,
+        _shadow_ptr(a1, idx, s0, 1, SHADOW_DTYPE, N_PROFILES, ALIGNED),
+        _shadow_ptr(a2, idx, s0, 2, SHADOW_DTYPE, N_PROFILES, ALIGNED),
+        _shadow_ptr(a3, idx, s0, 3, SHADOW_DTYPE, N_PROFILES, ALIGNED),
+        _shadow_ptr(a4, idx, s0, 4, SHADOW_DTYPE, N_PROFILES, ALIGNED),
+        _shadow_ptr(a5, idx, s0, 5, SHADOW_DTYPE, N_PROFILES, ALIGNED),
+        _shadow_ptr(a6, idx, s0, 6, SHADOW_DTYPE, N_PROFILES, ALIGNED),
+        _shadow_ptr(a7, idx, s0, 7, SHADOW_DTYPE, N_PROFILES, ALIGNED),
+    )
+
+
+@triton.jit
+def _shadow_mask(offs, n, w, MASKED: tl.constexpr):
+    # w == 0 is "no update this step": the shadow is neither read nor written (a predicated access,
+    # so that the K loads stay in flight together). Computing s + 0 * (p - s) would turn -0.0 into
+    # +0.0 and copy a NaN or inf of the parameter into the shadow.
+    # (The flag goes through int32: the interpreter's scalar comparisons make no boolean mask.)
+    on = (w != 0.0).to(tl.int32)
     if MASKED:
-        mask = offs < n
-        p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
+        mask = offs < n * on
+    else:
+        # Uniform over the block (a splat), so the access keeps its vector width.
+        mask = tl.zeros(offs.shape, tl.int32) + on != 0
+    return mask
+
+
+@triton.jit
+def _load_shadow(ptr, offs, n, w, p, K: tl.constexpr, N_PROFILES: tl.constexpr, MASKED: tl.constexpr):
+    s = p
+    if K < N_PROFILES:
+        s = tl.load(ptr + offs, mask=_shadow_mask(offs, n, w, MASKED), other=0.0).to(tl.float32)
+    return s
+
+
+@triton.jit
+def _store_shadow(
+    ptr, offs, n, w, p, s, K: tl.constexpr, N_PROFILES: tl.constexpr, SHADOW_DTYPE: tl.constexpr, MASKED: tl.constexpr
+):
+    if K < N_PROFILES:
+        tl.store(ptr + offs, _round(_lerp(p, s, w), SHADOW_DTYPE), mask=_shadow_mask(offs, n, w, MASKED))
+
+
+@triton.jit
+def _multi_block(ptrs, offs, n, state, args, meta: tl.constexpr, MASKED: tl.constexpr):
+    """One block of every profile: the parameter and all K shadows are loaded before any store."""
+    param_ptr, p0, p1, p2, p3, p4, p5, p6, p7 = ptrs
+    w0, w1, w2, w3, w4, w5, w6, w7 = args[2]
+    SHADOW_DTYPE: tl.constexpr = meta[1]
+    N: tl.constexpr = meta[2]
+    if MASKED:
+        p = tl.load(param_ptr + offs, mask=offs < n).to(tl.float32)
     else:
         p = tl.load(param_ptr + offs).to(tl.float32)
-    for k in tl.static_range(N_PROFILES):
-        # A scalar load per block and profile: it stays in cache, and reloading it spares
-        # carrying K scalars through the entry loop.
-        w = tl.load(weights_ptr + k)
-        # w == 0 is "no update this step": skip the shadow entirely. Computing s + 0 * (p - s)
-        # would turn -0.0 into +0.0 and copy a NaN or inf of the parameter into the shadow.
-        if w != 0.0:
-            shadow_ptr = tensor_ptr(_select(k, s0, s1, s2, s3, s4, s5, s6, s7), idx, SHADOW_DTYPE, ALIGNED)
-            if MASKED:
-                s = tl.load(shadow_ptr + offs, mask=mask).to(tl.float32)
-                tl.store(shadow_ptr + offs, _round(_lerp(p, s, w), SHADOW_DTYPE), mask=mask)
-            else:
-                s = tl.load(shadow_ptr + offs).to(tl.float32)
-                tl.store(shadow_ptr + offs, _round(_lerp(p, s, w), SHADOW_DTYPE))
+    s0 = _load_shadow(p0, offs, n, w0, p, 0, N, MASKED)
+    s1 = _load_shadow(p1, offs, n, w1, p, 1, N, MASKED)
+    s2 = _load_shadow(p2, offs, n, w2, p, 2, N, MASKED)
+    s3 = _load_shadow(p3, offs, n, w3, p, 3, N, MASKED)
+    s4 = _load_shadow(p4, offs, n, w4, p, 4, N, MASKED)
+    s5 = _load_shadow(p5, offs, n, w5, p, 5, N, MASKED)
+    s6 = _load_shadow(p6, offs, n, w6, p, 6, N, MASKED)
+    s7 = _load_shadow(p7, offs, n, w7, p, 7, N, MASKED)
+    _store_shadow(p0, offs, n, w0, p, s0, 0, N, SHADOW_DTYPE, MASKED)
+    _store_shadow(p1, offs, n, w1, p, s1, 1, N, SHADOW_DTYPE, MASKED)
+    _store_shadow(p2, offs, n, w2, p, s2, 2, N, SHADOW_DTYPE, MASKED)
+    _store_shadow(p3, offs, n, w3, p, s3, 3, N, SHADOW_DTYPE, MASKED)
+    _store_shadow(p4, offs, n, w4, p, s4, 4, N, SHADOW_DTYPE, MASKED)
+    _store_shadow(p5, offs, n, w5, p, s5, 5, N, SHADOW_DTYPE, MASKED)
+    _store_shadow(p6, offs, n, w6, p, s6, 6, N, SHADOW_DTYPE, MASKED)
+    _store_shadow(p7, offs, n, w7, p, s7, 7, N, SHADOW_DTYPE, MASKED)
+    return state
+
+
+@triton.jit
+def _profile_weight(weights_ptr, K: tl.constexpr, N_PROFILES: tl.constexpr):
+    """Profile ``K``'s weight, loaded once per program; 0 (never used) past ``N_PROFILES``."""
+    w = tl.load(weights_ptr)
+    if K < N_PROFILES:
+        w = tl.load(weights_ptr + K)
+    return w
 
 
 @triton.jit
@@ -133,59 +182,49 @@ def _ema_update_multi_kernel(
         # A compile-time branch: the unguarded kernel never loads the flag.
         active = tl.load(skip_ptr) == 0
     if active:
-        pid = tl.program_id(0).to(tl.int64)
-        for i in range(ENTRIES_PER_PROGRAM):
-            e = pid * ENTRIES_PER_PROGRAM + i
-            if e < n_entries:
-                idx, start, n = entry_range(e, entry_tensor_ptr, entry_block_ptr, numels_ptr, ENTRY)
-                param_ptr = tensor_ptr(param_addrs_ptr, idx, PARAM_DTYPE, ALIGNED)
-                for off in range(0, ENTRY, BLOCK):
-                    offs = start + off + tl.arange(0, BLOCK)
-                    if start + off + BLOCK <= n:
-                        _multi_block(
-                            param_ptr,
-                            shadow0_addrs_ptr,
-                            shadow1_addrs_ptr,
-                            shadow2_addrs_ptr,
-                            shadow3_addrs_ptr,
-                            shadow4_addrs_ptr,
-                            shadow5_addrs_ptr,
-                            shadow6_addrs_ptr,
-                            shadow7_addrs_ptr,
-                            idx,
-                            weights_ptr,
-                            offs,
-                            n,
-                            SHADOW_DTYPE,
-                            N_PROFILES,
-                            ALIGNED,
-                            MASKED=False,
-                        )
-                    elif start + off < n:
-                        _multi_block(
-                            param_ptr,
-                            shadow0_addrs_ptr,
-                            shadow1_addrs_ptr,
-                            shadow2_addrs_ptr,
-                            shadow3_addrs_ptr,
-                            shadow4_addrs_ptr,
-                            shadow5_addrs_ptr,
-                            shadow6_addrs_ptr,
-                            shadow7_addrs_ptr,
-                            idx,
-                            weights_ptr,
-                            offs,
-                            n,
-                            SHADOW_DTYPE,
-                            N_PROFILES,
-                            ALIGNED,
-                            MASKED=True,
-                        )
+        shadows = (
+            shadow0_addrs_ptr,
+            shadow1_addrs_ptr,
+            shadow2_addrs_ptr,
+            shadow3_addrs_ptr,
+            shadow4_addrs_ptr,
+            shadow5_addrs_ptr,
+            shadow6_addrs_ptr,
+            shadow7_addrs_ptr,
+        )
+        weights = (
+            _profile_weight(weights_ptr, 0, N_PROFILES),
+            _profile_weight(weights_ptr, 1, N_PROFILES),
+            _profile_weight(weights_ptr, 2, N_PROFILES),
+            _profile_weight(weights_ptr, 3, N_PROFILES),
+            _profile_weight(weights_ptr, 4, N_PROFILES),
+            _profile_weight(weights_ptr, 5, N_PROFILES),
+            _profile_weight(weights_ptr, 6, N_PROFILES),
+            _profile_weight(weights_ptr, 7, N_PROFILES),
+        )
+        walk_entries(
+            _multi_entry,
+            _multi_block,
+            n_entries * 0,
+            (param_addrs_ptr, shadows, weights),
+            (PARAM_DTYPE, SHADOW_DTYPE, N_PROFILES, ALIGNED),
+            numels_ptr,
+            entry_tensor_ptr,
+            entry_block_ptr,
+            n_entries,
+            ENTRY,
+            BLOCK,
+            ENTRIES_PER_PROGRAM,
+        )
 
 
 _update_multi = TableKernel(
     _ema_update_multi_kernel,
     key=["SIZE_BUCKET", "PARAM_DTYPE", "SHADOW_DTYPE", "N_PROFILES", "GUARDED", "ALIGNED"],
+    # Past 4 profiles, 8 elements per thread would take 140 to 240 registers: 4 then.
+    configs=lambda kw: (
+        CONFIGS_NARROW if kw["N_PROFILES"] > 4 else configs_for_dtypes((kw["PARAM_DTYPE"], kw["SHADOW_DTYPE"]))
+    ),
 )
 
 
@@ -295,17 +334,7 @@ def _multi_launch(
 def _profile_weights_kernel(
     step_ptr,
     out_ptr,
-    c0,
-    c1,
-    c2,
-    c3,
-    c4,
-    c5,
-    c6,
-    c7,
-    max_weight,
-    warmup_gamma,
-    warmup_power,
+    consts_ptr,
     update_after_step,
     update_every,
     POWER_PROFILES: tl.constexpr,
@@ -314,20 +343,23 @@ def _profile_weights_kernel(
 ):
     """``out[k]``: profile k's weight for step ``step[0]``, 0 when the step makes no update. One program.
 
-    Power-function profiles (``c_k = γ_k + 1``): ``w = 1 - (1 - Δt/u) ** c_k`` with ``Δt = update_every``,
-    a copy while ``u <= Δt``. Decays (``c_k = 1 - decay_k``): ``ema_update._weight``'s formulas with each
-    profile's smallest weight. In float64, so that ``1 - β`` keeps its precision at ``u`` up to 1e9.
+    ``consts`` (float64): ``c_0 .. c_7, max_weight, warmup_gamma, warmup_power``. Power-function profiles
+    (``c_k = γ_k + 1``): ``w = 1 - (1 - Δt/u) ** c_k`` with ``Δt = update_every``, a copy while ``u <= Δt``.
+    Decays (``c_k = 1 - decay_k``): ``ema_update._weight``'s formulas with each profile's smallest weight.
+    In float64, so that ``1 - β`` keeps its precision at ``u`` up to 1e9; the constants come in a float64
+    tensor because Python floats reach a kernel as fp32, rounded before any of this math.
     """
     t = tl.load(step_ptr)
     u = (t - update_after_step).to(tl.float64)
     due = t % update_every == 0
-    # Scalars joined to a float64 value (``zero + x``) rather than cast: the interpreter hands
-    # plain Python numbers to the kernel, which have no ``.to``.
-    zero = u * 0.0
+    max_weight = tl.load(consts_ptr + 8)
+    warmup_gamma = tl.load(consts_ptr + 9)
+    warmup_power = tl.load(consts_ptr + 10)
     for k in tl.static_range(N_PROFILES):
-        c = zero + _select(k, c0, c1, c2, c3, c4, c5, c6, c7)
+        c = tl.load(consts_ptr + k)
         if POWER_PROFILES:
-            dt = zero + update_every
+            dt = (u * 0.0) + update_every
+            # A float64 ``/`` compiles to div.rn.f64, correctly rounded (div_rn takes fp32 only).
             ratio = dt / tl.maximum(u, dt + 1.0)
             w = 1.0 - tl.exp2(c * tl.log2(1.0 - ratio))
             w = tl.where(u <= dt, 1.0, w)
@@ -335,11 +367,11 @@ def _profile_weights_kernel(
             if WARMUP == 1:
                 w = tl.maximum(c, 9.0 / (10.0 + tl.maximum(u, 0.0)))
             elif WARMUP == 2:
-                base = 1.0 + tl.maximum(u - 1.0, 0.0) / (zero + warmup_gamma)
-                w = tl.maximum(c, tl.exp2(-(zero + warmup_power) * tl.log2(base)))
+                base = 1.0 + tl.maximum(u - 1.0, 0.0) / warmup_gamma
+                w = tl.maximum(c, tl.exp2(-warmup_power * tl.log2(base)))
             else:
                 w = c
-            w = tl.minimum(w, zero + max_weight)
+            w = tl.minimum(w, max_weight)
             copy = u <= 0.0
             if WARMUP == 2:
                 copy = copy | (u == 1.0)
@@ -362,13 +394,12 @@ def profile_weights_(step: Tensor, profiles, out: Tensor) -> Tensor:
     if launch is None:
         consts = [m.gamma + 1.0 if power else m.min_weight for m in profiles.members]
         consts += [0.0] * (MAX_PROFILES - len(consts))
+        consts += [1.0, 1.0, 1.0] if power else [first.max_weight, first.warmup_gamma, first.warmup_power]
         kwargs = {
             "step_ptr": step,
             "out_ptr": out,
-            **{f"c{k}": float(c) for k, c in enumerate(consts)},
-            "max_weight": 1.0 if power else float(first.max_weight),
-            "warmup_gamma": 1.0 if power else float(first.warmup_gamma),
-            "warmup_power": 1.0 if power else float(first.warmup_power),
+            # Kept alive by the bound launch: built once per key, not per step.
+            "consts_ptr": torch.tensor(consts, dtype=torch.float64, device=step.device),
             "update_after_step": int(first.update_after_step),
             "update_every": int(first.update_every),
             "POWER_PROFILES": power,

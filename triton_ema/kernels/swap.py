@@ -15,8 +15,8 @@ import triton.language as tl
 from torch import Tensor
 
 from triton_ema.kernels.ema_update import _TL_DTYPES, _round
-from triton_ema.kernels.launch import TableKernel
-from triton_ema.kernels.table import ENTRY, TensorTable, build_table, build_tables, entry_range, tensor_ptr
+from triton_ema.kernels.launch import TableKernel, configs_for_dtypes
+from triton_ema.kernels.table import ENTRY, TensorTable, build_table, build_tables, tensor_ptr, walk_entries
 
 MODE_SWAP = 0
 MODE_BACKUP_AND_LOAD = 1
@@ -24,7 +24,28 @@ MODE_RESTORE = 2
 
 
 @triton.jit
-def _swap_block(a_ptr, b_ptr, c_ptr, offs, n, A_DTYPE: tl.constexpr, MODE: tl.constexpr, MASKED: tl.constexpr):
+def _swap_entry(idx, args, meta: tl.constexpr):
+    """The entry's (a, b, c) pointers; the slots the mode never touches are not read (a stands in)."""
+    a_addrs_ptr, b_addrs_ptr, c_addrs_ptr = args
+    A_DTYPE: tl.constexpr = meta[0]
+    B_DTYPE: tl.constexpr = meta[1]
+    MODE: tl.constexpr = meta[2]
+    ALIGNED: tl.constexpr = meta[3]
+    a_ptr = tensor_ptr(a_addrs_ptr, idx, A_DTYPE, ALIGNED)
+    b_ptr = a_ptr.to(tl.pointer_type(B_DTYPE))
+    c_ptr = a_ptr
+    if MODE != 2:
+        b_ptr = tensor_ptr(b_addrs_ptr, idx, B_DTYPE, ALIGNED)
+    if MODE != 0:
+        c_ptr = tensor_ptr(c_addrs_ptr, idx, A_DTYPE, ALIGNED)
+    return a_ptr, b_ptr, c_ptr
+
+
+@triton.jit
+def _swap_block(ptrs, offs, n, state, args, meta: tl.constexpr, MASKED: tl.constexpr):
+    a_ptr, b_ptr, c_ptr = ptrs
+    A_DTYPE: tl.constexpr = meta[0]
+    MODE: tl.constexpr = meta[2]
     mask = offs < n if MASKED else None
     if MODE == 0:
         a = tl.load(a_ptr + offs, mask=mask)
@@ -39,6 +60,7 @@ def _swap_block(a_ptr, b_ptr, c_ptr, offs, n, A_DTYPE: tl.constexpr, MODE: tl.co
     else:
         c = tl.load(c_ptr + offs, mask=mask)
         tl.store(a_ptr + offs, c, mask=mask)
+    return state
 
 
 @triton.jit
@@ -59,23 +81,30 @@ def _swap_kernel(
     BLOCK: tl.constexpr,
     ENTRIES_PER_PROGRAM: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    for i in range(ENTRIES_PER_PROGRAM):
-        e = pid * ENTRIES_PER_PROGRAM + i
-        if e < n_entries:
-            idx, start, n = entry_range(e, entry_tensor_ptr, entry_block_ptr, numels_ptr, ENTRY)
-            a_ptr = tensor_ptr(a_addrs_ptr, idx, A_DTYPE, ALIGNED)
-            b_ptr = tensor_ptr(b_addrs_ptr, idx, B_DTYPE, ALIGNED)
-            c_ptr = tensor_ptr(c_addrs_ptr, idx, A_DTYPE, ALIGNED)
-            for off in range(0, ENTRY, BLOCK):
-                offs = start + off + tl.arange(0, BLOCK)
-                if start + off + BLOCK <= n:
-                    _swap_block(a_ptr, b_ptr, c_ptr, offs, n, A_DTYPE, MODE, MASKED=False)
-                elif start + off < n:
-                    _swap_block(a_ptr, b_ptr, c_ptr, offs, n, A_DTYPE, MODE, MASKED=True)
+    walk_entries(
+        _swap_entry,
+        _swap_block,
+        n_entries * 0,
+        (a_addrs_ptr, b_addrs_ptr, c_addrs_ptr),
+        (A_DTYPE, B_DTYPE, MODE, ALIGNED),
+        numels_ptr,
+        entry_tensor_ptr,
+        entry_block_ptr,
+        n_entries,
+        ENTRY,
+        BLOCK,
+        ENTRIES_PER_PROGRAM,
+    )
 
 
-_swap = TableKernel(_swap_kernel, key=["SIZE_BUCKET", "A_DTYPE", "B_DTYPE", "MODE", "ALIGNED"])
+_swap = TableKernel(
+    _swap_kernel,
+    key=["SIZE_BUCKET", "A_DTYPE", "B_DTYPE", "MODE", "ALIGNED"],
+    # The swap and the restore move one dtype; the backup reads the shadow's too.
+    configs=lambda kw: configs_for_dtypes(
+        (kw["A_DTYPE"], kw["B_DTYPE"]) if kw["MODE"] == MODE_BACKUP_AND_LOAD else (kw["A_DTYPE"],)
+    ),
+)
 
 
 def _launch(table: TensorTable, mode: int, a_dtype: torch.dtype, b_dtype: torch.dtype) -> None:

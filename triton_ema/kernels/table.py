@@ -6,6 +6,10 @@ length, and per entry the tensor it belongs to and its index inside that
 tensor. A program of a kernel handles a few consecutive entries, so the work
 is spread evenly whatever the tensor sizes are, and no Python loop over
 tensors runs at launch time.
+
+:func:`walk_entries` is that loop, written once for every table kernel: entry,
+then tensor, then the entry's blocks, unmasked when the entry is full and
+masked only in a tensor's last entry.
 """
 
 from __future__ import annotations
@@ -109,3 +113,43 @@ def tensor_ptr(addrs_ptr, idx, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
         # every access through it would be scalar.
         ptr = tl.multiple_of(ptr, 16)
     return ptr
+
+
+@triton.jit
+def walk_entries(
+    entry_fn: tl.constexpr,
+    block_fn: tl.constexpr,
+    state,
+    args,
+    meta: tl.constexpr,
+    numels_ptr,
+    entry_tensor_ptr,
+    entry_block_ptr,
+    n_entries,
+    ENTRY: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ENTRIES_PER_PROGRAM: tl.constexpr,
+):
+    """Run ``block_fn`` over every block of this program's entries; returns the carried ``state``.
+
+    ``ptrs = entry_fn(idx, args, meta)`` is called once per entry with the entry's tensor index (the
+    slot addresses are read there, once per entry); ``state = block_fn(ptrs, offs, n, state, args, meta,
+    MASKED)`` once per block of ``BLOCK`` elements. ``args`` is a tuple of run-time values, ``meta`` one
+    of compile-time values (dtypes, flags). Whether the entry is full is decided once: a full entry's
+    blocks are unrolled and unmasked, so their loads can be in flight together; only a tensor's last
+    entry takes the masked path. ``state`` must be a tensor (a loop carries it).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    for i in range(ENTRIES_PER_PROGRAM):
+        e = pid * ENTRIES_PER_PROGRAM + i
+        if e < n_entries:
+            idx, start, n = entry_range(e, entry_tensor_ptr, entry_block_ptr, numels_ptr, ENTRY)
+            ptrs = entry_fn(idx, args, meta)
+            if start + ENTRY <= n:
+                for off in tl.static_range(0, ENTRY, BLOCK):
+                    state = block_fn(ptrs, start + off + tl.arange(0, BLOCK), n, state, args, meta, False)
+            else:
+                for off in range(0, ENTRY, BLOCK):
+                    if start + off < n:
+                        state = block_fn(ptrs, start + off + tl.arange(0, BLOCK), n, state, args, meta, True)
+    return state
