@@ -222,6 +222,24 @@ def parse(opt: Any, state_dict: Any) -> tuple[dict, dict, list[list[Tensor]], li
     return inner, meta, shadows, buffer_shadows, profiles
 
 
+def strip_ema(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a wrapper's state dict without the EMA: what the wrapped optimizer alone saves.
+
+    A plain optimizer that loads the wrapper's state dict keeps every ``"ema_shadow"``
+    in its state (a second copy of the model that it then saves again); load
+    ``strip_ema(state_dict)`` instead. Format 1 state dicts are stripped too.
+    """
+    if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("state"), Mapping):
+        raise ValueError(f"expected an optimizer state dict, got {type(state_dict).__name__}")
+    out = {
+        k: v for k, v in state_dict.items() if not (isinstance(k, str) and (k == "ema" or k.startswith("ema_buffers")))
+    }
+    out["state"] = {k: {n: v for n, v in e.items() if not is_shadow_key(n)} for k, e in state_dict["state"].items()}
+    out["state"] = {k: e for k, e in out["state"].items() if e}
+    out["param_groups"] = [{n: v for n, v in g.items() if n != "ema"} for g in state_dict.get("param_groups", [])]
+    return out
+
+
 def check_shadow(s: Any, ours: Tensor, kind: str, averaged: bool) -> None:
     if not isinstance(s, Tensor):
         raise ValueError(f"{kind} in the state dict is a {type(s).__name__}, not a tensor")
