@@ -39,6 +39,7 @@ from triton_ema.dispatch import Dispatcher
 from triton_ema.schedules import ProfileSet, profile_from_dict
 from triton_ema.snapshot_schedule import SnapshotSchedule
 from triton_ema.tracking import Tracker
+from triton_ema.traps import Traps, inner_step
 from triton_ema.util import as_global, local_shard
 
 FORMAT_VERSION = 2
@@ -56,9 +57,11 @@ def is_shadow_key(name: Any) -> bool:
     return isinstance(name, str) and (name == "ema_shadow" or name.startswith("ema_shadow_"))
 
 
-def ema_meta(opt: Any) -> dict[str, Any]:
+def ema_meta(opt: Any, optimizer_step: float | None = None) -> dict[str, Any]:
     """The ``"ema"`` entry of every parameter group."""
+    # The wrapped optimizer's own step count when saved: on loading, a larger one means a stale EMA (traps.py).
     return {
+        "inner_step": optimizer_step,
         "format_version": FORMAT_VERSION,
         "step": opt.num_steps,
         "skipped_updates": opt.skipped_updates,
@@ -76,6 +79,7 @@ def pack(opt: Any, state: dict[str, Any]) -> dict[str, Any]:
             holders = [h.clone() for h in holders]
         profiles.append(holders)
     packed_state = dict(state["state"])
+    meta = ema_meta(opt, inner_step(packed_state))
     position = 0
     for group in state["param_groups"]:
         for key in group["params"]:
@@ -86,7 +90,7 @@ def pack(opt: Any, state: dict[str, Any]) -> dict[str, Any]:
                 entry[shadow_key(k)] = as_global(holders[opt._tracked.param_entry[position]], p)
             packed_state[key] = entry
             position += 1
-        group["ema"] = ema_meta(opt)
+        group["ema"] = dict(meta)
     state["state"] = packed_state
     if opt._tracked.buffers:
         for k, holders in enumerate(profiles):
@@ -270,6 +274,7 @@ def load(
     profiles: ProfileSet,
 ) -> None:
     """Load what :func:`parse` accepted into the inner optimizer, the shadows and the step count."""
+    opt._traps.loading(opt, (inner, meta, shadows, buffer_shadows, profiles))
     opt._dispatch.join()
     opt.optimizer.load_state_dict(inner)
     with torch.no_grad():
@@ -317,6 +322,7 @@ def unpickle(opt: Any, state: dict[str, Any]) -> None:
     opt._dispatch = Dispatcher(opt.backend, state["ema_device"], state["skip_nonfinite"], n_profiles=len(opt.profiles))
     opt._tracked = Tracker(opt._dispatch, opt.ema_dtype)
     opt._tracked.unpickle(state, opt._step)
+    opt._traps = Traps(opt)
     opt._dispatch.set_skipped(state["skipped_updates"])
 
 

@@ -18,6 +18,7 @@ from triton_ema.export import EMAExport
 from triton_ema.schedules import PowerProfile, ProfileSet, Schedule
 from triton_ema.snapshot_schedule import SnapshotConfig, SnapshotSchedule
 from triton_ema.tracking import Tracker
+from triton_ema.traps import Traps
 from triton_ema.util import as_global
 
 
@@ -164,6 +165,7 @@ class EMAOptimizerWrapper(EMAExport, Optimizer):
         self._dispatch = Dispatcher(backend, ema_device, skip_nonfinite, n_profiles=len(profiles))
         self._tracked = Tracker(self._dispatch, ema_dtype)
         self._tracked.track(self._tracked.all_params(self.param_groups), buffers, self._step)
+        self._traps = Traps(self)
 
     @property
     def schedule(self) -> Schedule | PowerProfile:
@@ -345,6 +347,7 @@ class EMAOptimizerWrapper(EMAExport, Optimizer):
             raise RuntimeError("ema_weights() is already active; it does not nest")
         self._check_not_swapped("ema_weights")
         self._check_profile(profile)
+        self._traps.before_swap(self._step)
         try:
             self._dispatch.swap_in(profile)
             yield self
