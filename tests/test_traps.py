@@ -109,3 +109,111 @@ def test_strip_ema_and_a_stale_ema_behind_a_plain_optimizer(seed):
     )
     with pytest.raises(ValueError, match="optimizer state dict"):
         strip_ema({"param_groups": []})
+
+
+@pytest.mark.parametrize("how", ["own-shadow", "other-parameter", "other-shadow"])
+def test_storage_overlapping_a_shadow_or_another_tensor_is_refused(how):
+    a, b = nn.Parameter(torch.ones(4)), nn.Parameter(torch.full((4,), 2.0))
+    opt = EMAOptimizerWrapper(torch.optim.SGD([a, b], lr=0.1), decay=0.5, warmup=None)
+    opt.step()
+    ema_b = opt.ema_params()[1].clone()
+    a.data = {"own-shadow": opt.ema_params()[0], "other-parameter": b.data, "other-shadow": opt.ema_params()[1]}[how]
+    with pytest.raises(RuntimeError, match="overlap in memory"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="overlap in memory"), opt.ema_weights():
+        pass
+    assert torch.equal(opt.ema_params()[1], ema_b), "nothing was updated"
+    a.data = torch.zeros(4)  # storage of its own is followed, as before
+    opt.step()
+    torch.testing.assert_close(opt.ema_params()[0], torch.full((4,), 0.5))
+
+
+def test_parameters_added_behind_the_wrapper_are_named_at_the_next_step():
+    model = nn.Linear(3, 2)
+    opt = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.5)
+    step(model, opt)
+    extra = nn.Parameter(torch.ones(2))
+    opt.param_groups[0]["params"].append(extra)
+    for call in (opt.step, opt.state_dict):
+        with pytest.raises(ValueError, match=r"parameter 2 was added behind the wrapper.*opt\.add_param_group"):
+            call()
+    opt.param_groups[0]["params"].pop()
+    opt.optimizer.add_param_group({"params": [extra]})
+    with pytest.raises(ValueError, match=r"parameter 2 was added"):
+        opt.step()
+    opt.optimizer.param_groups.pop()
+    opt.add_param_group({"params": [extra]})
+    step(model, opt)
+    assert len(opt.state_dict()["param_groups"]) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_ema_weights_keeps_working_after_a_call_under_inference_mode(dtype):
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).to(dtype)
+    opt = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.5, model=model)
+
+    def train():
+        opt.zero_grad()
+        model(torch.randn(4, 3, dtype=dtype)).float().pow(2).mean().backward()
+        opt.step()
+
+    train()
+    with torch.inference_mode(), opt.ema_weights():  # Lightning's validation loop
+        model(torch.randn(2, 3, dtype=dtype))
+    train()
+    with opt.ema_weights():
+        model(torch.randn(2, 3, dtype=dtype))
+    train()
+    assert opt.num_steps == 3
+
+
+def test_dcp_flattened_optimizer_state_dict_is_refused_with_the_reason():
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model = nn.Linear(3, 2)
+    opt = EMAOptimizerWrapper(torch.optim.Adam(model.parameters(), lr=0.1), decay=0.5)
+    step(model, opt)
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    with pytest.raises(ValueError, match="flatten_optimizer_state_dict=True\\) is not supported"):
+        get_optimizer_state_dict(model, opt, options=flat)
+    saved = copy.deepcopy(get_optimizer_state_dict(model, opt))
+    before = [e.clone() for e in opt.ema_params()]
+    with pytest.raises(ValueError, match="flatten_optimizer_state_dict=True\\) is not supported"):
+        set_optimizer_state_dict(model, opt, saved, options=flat)
+    assert all(torch.equal(a, b) for a, b in zip(opt.ema_params(), before))
+    set_optimizer_state_dict(model, opt, saved)  # the default layout round-trips
+
+
+def test_state_dicts_inside_ema_weights_are_detached_and_dcp_works_with_stateless_sgd():
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    opt = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.5, model=model)
+    step(model, opt)
+    opt.zero_grad()  # no gradients: DCP's helper steps the stateless optimizer to create its state
+    ema = [e.clone() for e in opt.ema_params()]
+    with opt.ema_weights():
+        sd = opt.state_dict()
+        osd = get_optimizer_state_dict(model, opt)
+    shadows = [e["ema_shadow"] for e in sd["state"].values()] + sd["ema_buffers"]
+    assert all(not t.requires_grad and t.grad_fn is None for t in shadows)
+    assert all(torch.equal(a, b) for a, b in zip([e["ema_shadow"] for e in sd["state"].values()], ema))
+    assert torch.equal(osd["state"]["0.weight"]["ema_shadow"], ema[0]) and opt.num_steps == 1
+
+
+def test_meta_and_sparse_parameters_are_refused_saying_so():
+    with torch.device("meta"):
+        meta = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="on the meta device"):
+        EMAOptimizerWrapper(torch.optim.SGD(meta.parameters(), lr=0.1))
+    sparse = nn.Parameter(torch.eye(3).to_sparse())
+    with pytest.raises(ValueError, match="sparse_coo tensor.*dense"):
+        EMAOptimizerWrapper(torch.optim.SGD([sparse], lr=0.1))
+    emb = nn.Embedding(4, 3, sparse=True)  # sparse gradients of a dense weight are fine
+    opt = EMAOptimizerWrapper(torch.optim.SGD(emb.parameters(), lr=0.1), decay=0.5)
+    emb(torch.tensor([1])).sum().backward()
+    opt.step()

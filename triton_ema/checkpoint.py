@@ -72,9 +72,12 @@ def ema_meta(opt: Any, optimizer_step: float | None = None) -> dict[str, Any]:
 
 def pack(opt: Any, state: dict[str, Any]) -> dict[str, Any]:
     """The inner optimizer's ``state`` with the wrapper's EMA added (see the module's docstring)."""
+    opt._tracked.check_groups(opt.param_groups)
+    refuse_flattened_dcp()
     profiles = []
     for k in range(len(opt.profiles)):
-        holders = opt._tracked.holders(k)
+        # Detached: inside ema_weights() the holders are the parameters themselves (copied, not kept).
+        holders = [h.detach() for h in opt._tracked.holders(k)]
         if opt._dispatch.swapped:
             holders = [h.clone() for h in holders]
         profiles.append(holders)
@@ -104,6 +107,7 @@ def parse(opt: Any, state_dict: Any) -> tuple[dict, dict, list[list[Tensor]], li
     """Split a state dict into the inner optimizer's part and the EMA, checking everything."""
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"state dict must be a mapping, got {type(state_dict).__name__}")
+    refuse_flattened_dcp()
     state, groups = state_dict.get("state"), state_dict.get("param_groups")
     if not isinstance(state, Mapping):
         raise ValueError("state dict has no 'state' mapping: it is not an optimizer state dict")
@@ -324,6 +328,36 @@ def unpickle(opt: Any, state: dict[str, Any]) -> None:
     opt._tracked.unpickle(state, opt._step)
     opt._traps = Traps(opt)
     opt._dispatch.set_skipped(state["skipped_updates"])
+
+
+FLATTENED_DCP = (
+    "torch.distributed.checkpoint's StateDictOptions(flatten_optimizer_state_dict=True) is not supported: "
+    "set_optimizer_state_dict rebuilds the flattened state from the optimizer's own state and group keys, "
+    "so the EMA (each parameter's 'ema_shadow' and the groups' 'ema') would be dropped on loading. Save the "
+    "optimizer with flatten_optimizer_state_dict=False (the default), or save opt.ema_state_dict() beside it"
+)
+
+
+def refuse_flattened_dcp() -> None:
+    """Raise when torch.distributed.checkpoint's helpers run with ``flatten_optimizer_state_dict=True``.
+
+    Recognised by the helper's frame a few levels up and its ``info`` (looked at only when saving and
+    loading state dicts, never per step).
+    """
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return
+        info = (
+            frame.f_locals.get("info")
+            if frame.f_code.co_name in ("_get_optim_state_dict", "_load_optim_state_dict")
+            else None
+        )
+        if getattr(info, "flatten_optimizer_state_dict", False) and frame.f_globals.get("__name__", "").startswith(
+            "torch.distributed.checkpoint"
+        ):
+            raise ValueError(FLATTENED_DCP)
+        frame = frame.f_back
 
 
 def lr_is_zero(groups: list[dict[str, Any]]) -> bool:

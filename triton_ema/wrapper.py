@@ -252,11 +252,12 @@ class EMAOptimizerWrapper(EMAExport, Optimizer):
         return out
 
     def _step_once(self, closure: Callable[[], Any] | None) -> Any:
-        self._check_not_swapped("step")
         if checkpoint.initialising_state(self.optimizer):
-            # torch.distributed.checkpoint creates optimizer state by stepping with zero
-            # gradients and learning rates; that is not a training step.
+            # torch.distributed.checkpoint creates optimizer state by stepping with zero gradients and
+            # learning rates: not a training step, and it changes no weight (so also inside ema_weights()).
             return self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        self._check_not_swapped("step")
+        self._tracked.check_groups(self.param_groups)
         self._dispatch.before_step()
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         self.update_ema()
