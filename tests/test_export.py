@@ -128,7 +128,25 @@ def _export_worker(rank: int, init_file: str, out: str) -> None:
         dcp_load(back, checkpoint_id=str(out / "dcp"))
         for k in sd:
             assert torch.equal(back[k].to_local(), sd[k].to_local()), k
-        opt.save_ema(out / "ema.safetensors")
+        # save_ema holds one gathered tensor at a time: each earlier one is gone when the next is gathered.
+        import weakref
+
+        from torch.distributed.tensor import DTensor
+
+        gathered, full_tensor = [], DTensor.full_tensor
+
+        def watched(self, *args, **kwargs):
+            assert all(ref() is None for ref in gathered), "an earlier full tensor is still alive"
+            t = full_tensor(self, *args, **kwargs)
+            gathered.append(weakref.ref(t))
+            return t
+
+        DTensor.full_tensor = watched
+        try:
+            opt.save_ema(out / "ema.safetensors")
+        finally:
+            DTensor.full_tensor = full_tensor
+        assert len(gathered) == len(sd)
         ddp = nn.parallel.DistributedDataParallel(make_model(0))
         ddp_opt = EMAOptimizerWrapper(torch.optim.SGD(ddp.parameters(), lr=0.1), model=ddp)
         assert list(ddp_opt.ema_state_dict()) == list(make_model(0).state_dict())

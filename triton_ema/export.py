@@ -56,8 +56,8 @@ def plain_key(key: str) -> str:
     return ".".join(part for part in key.split(".") if part != "_orig_mod")
 
 
-def ema_state_dict(opt: Any, profile: int, model: torch.nn.Module | None) -> dict[str, Tensor]:
-    """See :meth:`EMAExport.ema_state_dict`."""
+def named_ema(opt: Any, profile: int, model: torch.nn.Module | None) -> list[tuple[str, Tensor, torch.dtype]]:
+    """``(plain key, value, the model tensor's dtype)`` in ``model.state_dict()`` order; EMAs not yet cast."""
     model = model if model is not None else opt._snapshots.config.model
     if model is None:
         raise ValueError("ema_state_dict() needs the model: pass model= here or to EMAOptimizerWrapper(...)")
@@ -70,16 +70,18 @@ def ema_state_dict(opt: Any, profile: int, model: torch.nn.Module | None) -> dic
         (opt._tracked.buffers, opt.ema_buffers(profile)),
     ):
         for t, v in zip(tensors, values):
-            # Inside ema_weights() the EMA lives in the model itself, and goes away on leaving.
-            ema[id(t)] = v.detach().clone() if opt._dispatch.swapped else v.detach()
+            ema[id(t)] = v.detach()
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     live = {name: ema[id(t)] for name, t in named if id(t) in ema}
+    return [(plain_key(k), live.get(k, v), v.dtype) for k, v in model.state_dict().items()]
+
+
+def ema_state_dict(opt: Any, profile: int, model: torch.nn.Module | None) -> dict[str, Tensor]:
+    """See :meth:`EMAExport.ema_state_dict`."""
     out = {}
-    for key, value in model.state_dict().items():
-        averaged = live.get(key)
-        if averaged is not None and averaged.dtype != value.dtype:
-            averaged = averaged.to(value.dtype)
-        out[plain_key(key)] = value if averaged is None else averaged
+    for key, value, dtype in named_ema(opt, profile, model):
+        # Inside ema_weights() the EMA lives in the model itself, and goes away on leaving: copies then.
+        out[key] = value.to(dtype, copy=opt._dispatch.swapped)
     return out
 
 
@@ -116,17 +118,17 @@ class EMAExport:
         save_ema(self, path, self._check_profile(profile), dtype)
 
 
-def safetensors_header(tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> bytes:
+def safetensors_header(tensors: list[tuple[str, torch.dtype, torch.Size]], metadata: dict[str, str]) -> bytes:
     """The header of a safetensors file holding ``tensors`` in order: dtypes, global shapes, byte ranges."""
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
-    for name, t in tensors.items():
-        if t.dtype not in SAFETENSORS_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}, which safetensors cannot hold")
-        size = t.numel() * t.element_size()
+    for name, dtype, shape in tensors:
+        if dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"{name} has dtype {dtype}, which safetensors cannot hold")
+        size = shape.numel() * dtype.itemsize
         header[name] = {
-            "dtype": SAFETENSORS_DTYPES[t.dtype],
-            "shape": list(t.shape),
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }
         offset += size
@@ -139,23 +141,27 @@ def save_ema(opt: Any, path: str | os.PathLike, profile: int, dtype: torch.dtype
     """See :meth:`EMAExport.save_ema`."""
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
-    state = ema_state_dict(opt, profile, None)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    # Nothing is cast or copied up front: each tensor is cast and gathered on its own turn.
+    entries = [
+        (key, value, dtype if dtype is not None and model_dtype.is_floating_point else model_dtype)
+        for key, value, model_dtype in named_ema(opt, profile, None)
+    ]
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     writer = not distributed or torch.distributed.get_rank() == 0
     path = os.fspath(path)
     tmp = f"{path}.tmp"
-    header = safetensors_header(state, {"format": "pt", "triton_ema.profile": str(profile)})
+    header = safetensors_header([(k, d, v.shape) for k, v, d in entries], {"format": "pt"})
     f = open(tmp, "wb") if writer else None
     try:
         if f is not None:
             f.write(header)
-        for t in state.values():
+        for _, value, out_dtype in entries:
             # Every rank gathers each DTensor (a collective); only the writer keeps the bytes, one tensor at a time.
-            full = t.full_tensor() if is_dtensor(t) else t
+            # Cast the shard first: gathers move the output dtype's bytes, and a cast holds one shard more.
+            full = value.to(out_dtype)
+            full = full.full_tensor() if is_dtensor(full) else full
             if f is not None and full.numel():
-                f.write(full.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                f.write(full.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
             del full
         if f is not None:
             f.flush()
