@@ -217,3 +217,55 @@ def test_meta_and_sparse_parameters_are_refused_saying_so():
     opt = EMAOptimizerWrapper(torch.optim.SGD(emb.parameters(), lr=0.1), decay=0.5)
     emb(torch.tensor([1])).sum().backward()
     opt.step()
+
+
+def test_ema_weights_in_lightning_validate_under_inference_mode_then_training_goes_on(tmp_path):
+    """trainer.validate() runs under torch.inference_mode(): a swap there must leave later training working."""
+    import lightning.pytorch as L
+
+    from triton_ema import find_ema
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+            self.opt, self.swaps = None, 0
+
+        def training_step(self, batch, _):
+            assert find_ema(self.optimizers()) is self.opt
+            return self.net(batch[0]).pow(2).mean()
+
+        def validation_step(self, batch, _):
+            assert torch.is_inference_mode_enabled()
+            with self.opt.ema_weights():
+                self.swaps += 1
+                self.net(batch[0])
+
+        def configure_optimizers(self):
+            if self.opt is None:  # the same wrapper for every fit(), as in one long-lived training script
+                self.opt = EMAOptimizerWrapper(torch.optim.SGD(self.parameters(), lr=0.1), decay=0.9, model=self)
+            return self.opt
+
+    def trainer():
+        return L.Trainer(
+            max_epochs=1,
+            default_root_dir=tmp_path,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            accelerator="cpu",
+        )
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 3)), batch_size=4)
+    module = Module()
+    trainer().fit(module, data)
+    L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu").validate(
+        module, data, verbose=False
+    )
+    trainer().fit(module, data)
+    with module.opt.ema_weights():  # outside inference_mode: the scratch kept from the first swap is written
+        module.net(torch.randn(2, 3))
+    assert module.swaps == 4 and module.opt.num_steps == 8
