@@ -9,7 +9,9 @@ added where the tools that reshard optimizer state carry it:
   ``get_optimizer_state_dict``) therefore move it with the parameter.
 * ``param_groups[i]["ema"]``, the same in every group: ``format_version`` (2),
   ``step``, ``skipped_updates``, ``schedule`` (the first profile) and ``profiles``
-  (one dict per profile, see :func:`triton_ema.schedules.profile_from_dict`).
+  (one dict per profile, see :func:`triton_ema.schedules.profile_from_dict`), and
+  ``inner_step``: the wrapped optimizer's own step count when saved (Adam's ``"step"``,
+  ``None`` for a stateless one), by which loading tells an EMA older than the state beside it.
 * ``"ema_buffers"`` (and ``"ema_buffers_{k}"``): the buffer EMAs (copies for
   integer buffers), in the order the buffers were given; absent without buffers.
 
