@@ -211,7 +211,7 @@ class Wrapper:
     """``triton_ema.EMAOptimizerWrapper`` around plain SGD, with its defaults (backend="auto")."""
 
     def __init__(self, params: Params, decay: float) -> None:
-        self.opt = EMAOptimizerWrapper(torch.optim.SGD(params, lr=LR), decay=decay)
+        self.opt = EMAOptimizerWrapper(torch.optim.SGD(params, lr=LR), decay=decay, warmup=None)
 
     @property
     def shadows(self) -> Params:
@@ -232,7 +232,7 @@ class GuardedWrapper(Wrapper):
     """The wrapper with ``skip_nonfinite=True``: a device-side check that skips updates with inf or NaN."""
 
     def __init__(self, params: Params, decay: float) -> None:
-        self.opt = EMAOptimizerWrapper(torch.optim.SGD(params, lr=LR), decay=decay, skip_nonfinite=True)
+        self.opt = EMAOptimizerWrapper(torch.optim.SGD(params, lr=LR), decay=decay, warmup=None, skip_nonfinite=True)
 
 
 class OffloadWrapper(Wrapper):
@@ -243,7 +243,7 @@ class OffloadWrapper(Wrapper):
     """
 
     def __init__(self, params: Params, decay: float) -> None:
-        self.opt = EMAOptimizerWrapper(torch.optim.SGD(params, lr=LR), decay=decay, ema_device="cpu")
+        self.opt = EMAOptimizerWrapper(torch.optim.SGD(params, lr=LR), decay=decay, warmup=None, ema_device="cpu")
 
 
 def profile_decays(decay: float, k: int) -> tuple[float, ...]:
@@ -266,7 +266,7 @@ SIGMA_RELS = (0.05, 0.10)
 def _profile_configs(decay: float, k: int, sigma_rel: bool) -> list[dict[str, float]]:
     if sigma_rel:
         return [{"sigma_rel": s} for s in SIGMA_RELS[:k]]
-    return [{"decay": d} for d in profile_decays(decay, k)]
+    return [{"decay": d, "warmup": None} for d in profile_decays(decay, k)]
 
 
 class ProfilesWrapper:
@@ -278,7 +278,10 @@ class ProfilesWrapper:
     def __init__(self, params: Params, decay: float, k: int = 2, sigma_rel: bool = False) -> None:
         self.configs = _profile_configs(decay, k, sigma_rel)
         key = "sigma_rel" if sigma_rel else "decay"
-        self.opt = EMAOptimizerWrapper(torch.optim.SGD(params, lr=LR), **{key: tuple(c[key] for c in self.configs)})
+        constant = {} if sigma_rel else {"warmup": None}
+        self.opt = EMAOptimizerWrapper(
+            torch.optim.SGD(params, lr=LR), **{key: tuple(c[key] for c in self.configs)}, **constant
+        )
 
     @property
     def profile_shadows(self) -> list[Params]:

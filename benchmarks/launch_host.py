@@ -96,7 +96,7 @@ def _times(fn: Callable[[], None], min_time_s: float = 0.5, max_calls: int = 20_
 
 def measure(arch: str, dtype: str, stubs: list[StubKernel]) -> dict:
     workload = workloads.make_workload(arch, dtype, "cpu")
-    opt = EMAOptimizerWrapper(torch.optim.SGD(workload.params, lr=LR), decay=DECAY, backend="triton")
+    opt = EMAOptimizerWrapper(torch.optim.SGD(workload.params, lr=LR), decay=DECAY, warmup=None, backend="triton")
 
     def swap() -> None:
         with opt.ema_weights():

@@ -31,7 +31,7 @@ CONFIGS = [
         {"decay": 0.999, "warmup": "power", "update_after_step": 4, "update_every": 2},
         id="triton-power-after4-every2",
     ),
-    pytest.param("torch", {"decay": 0.9}, id="torch-constant"),
+    pytest.param("torch", {"decay": 0.9, "warmup": None}, id="torch-constant"),
     pytest.param("auto", {"decay": (0.9, 0.99), "warmup": "litema"}, id="triton-two-decays"),
     pytest.param("auto", {"sigma_rel": (0.05, 0.10), "update_every": 2}, id="triton-two-sigma-rel-every2"),
 ]

@@ -100,3 +100,24 @@ def test_posthoc_rejects_bad_arguments(tmp_path, capsys):
             demo.main(["--posthoc", *argv])
         assert exc.value.code == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("posthoc", [False, True], ids=["ema", "posthoc"])
+def test_demo_trains_on_one_thread_unless_asked(monkeypatch, tmp_path, posthoc):
+    """Its time must not depend on the machine's thread count: one thread by default, --threads N, 0 for torch's."""
+    import torch
+
+    seen = []
+    train_epoch = demo._train_epoch
+    monkeypatch.setattr(demo, "_train_epoch", lambda *a: (seen.append(torch.get_num_threads()), train_epoch(*a)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        common = ["--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "p.png")]
+        common += ["--posthoc"] if posthoc else []
+        demo.main(common)
+        demo.main([*common, "--threads", "2"])
+        demo.main([*common, "--threads", "0"])
+        assert seen == [1, 2, 3] and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -49,7 +49,7 @@ def build(inner: Callable = sgd, **options) -> tuple[Mixed, EMAOptimizerWrapper]
     """A model with gradients in place and a wrapper past its warm-up steps."""
     torch.manual_seed(0)
     model = Mixed().cuda()
-    opt = EMAOptimizerWrapper(inner(model.parameters()), decay=0.999, **options)
+    opt = EMAOptimizerWrapper(inner(model.parameters()), decay=0.999, warmup=None, **options)
     nn.functional.mse_loss(model(torch.randn(32, 64, device="cuda")), torch.randn(32, 8, device="cuda")).backward()
     for _ in range(WARMUP_STEPS):
         opt.step()

@@ -61,7 +61,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
 def test_plain_decay_equals_the_article_ema(seed, backend):
     model = make_model()
     article = ArticleEMA(model, decay=0.9)
-    opt = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.9, backend=backend)
+    opt = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.9, warmup=None, backend=backend)
     for _ in range(25):
         train_step(model, opt)
         article.update(model)
@@ -124,9 +124,9 @@ def test_plain_decay_with_update_after_step_1_equals_averaged_model(seed, backen
     model = make_model()
     theirs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
     opt = EMAOptimizerWrapper(
-        torch.optim.SGD(model.parameters(), lr=0.1), decay=0.9, update_after_step=1, backend=backend
+        torch.optim.SGD(model.parameters(), lr=0.1), decay=0.9, warmup=None, update_after_step=1, backend=backend
     )
-    naive = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.9, backend=backend)
+    naive = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.9, warmup=None, backend=backend)
     for _ in range(6):
         train_step(model, opt)
         naive.update_ema()

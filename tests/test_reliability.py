@@ -332,7 +332,9 @@ def test_aliased_tensors_are_one_entry(seed, backend, alias):
     else:
         buffers = [model[1].running_mean, model[1].running_mean, model[1].num_batches_tracked]
     with pytest.warns(UserWarning) if alias == "param-twice" else _nothing():
-        opt = EMAOptimizerWrapper(torch.optim.SGD(params, lr=0.1), decay=0.5, backend=backend, buffers=buffers)
+        opt = EMAOptimizerWrapper(
+            torch.optim.SGD(params, lr=0.1), decay=0.5, warmup=None, backend=backend, buffers=buffers
+        )
     ref = Ema64(list(model.parameters()), decay=0.5)
     for _ in range(3):
         opt.zero_grad()

@@ -39,7 +39,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, data: list |
 @pytest.mark.parametrize(
     "config",
     [
-        {"decay": 0.9},
+        {"decay": 0.9, "warmup": None},
         {"decay": 0.99, "warmup": "litema", "update_every": 2},
         {"decay": 0.995, "warmup": "power", "warmup_gamma": 2.0, "warmup_power": 0.75, "update_after_step": 2},
         {"decay": 0.99, "warmup": "litema", "min_decay": 0.5, "update_after_step": 1, "update_every": 3},
@@ -62,7 +62,7 @@ def test_matches_float64_reference(seed, backend, param_dtype, config):
 
 def test_fp32_shadow_keeps_moving_where_bf16_freezes():
     p = nn.Parameter(torch.ones(1000, dtype=torch.bfloat16))
-    opt = EMAOptimizerWrapper(torch.optim.SGD([p], lr=1.0), decay=0.9999)
+    opt = EMAOptimizerWrapper(torch.optim.SGD([p], lr=1.0), warmup=None, decay=0.9999)
     frozen = torch.ones(1000, dtype=torch.bfloat16)
     with torch.no_grad():
         p.fill_(1.5)
@@ -115,7 +115,7 @@ def test_step_returns_closure_loss_and_runs_hooks(seed):
 
 def test_add_param_group_tracks_new_parameters(seed):
     a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4, dtype=torch.bfloat16))
-    opt = EMAOptimizerWrapper(torch.optim.SGD([a], lr=0.1), decay=0.5)
+    opt = EMAOptimizerWrapper(torch.optim.SGD([a], lr=0.1), decay=0.5, warmup=None)
     opt.add_param_group({"params": [b], "lr": 0.2})
     assert len(opt.ema_params()) == 2 and torch.equal(opt.ema_params()[1], b.detach().float())
     b0 = b.detach().float()
@@ -189,7 +189,9 @@ def test_copy_ema_to_params(seed):
 
 def test_buffers_averaged_copied_and_swapped(seed):
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
-    opt = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.5, buffers=model.buffers())
+    opt = EMAOptimizerWrapper(
+        torch.optim.SGD(model.parameters(), lr=0.1), decay=0.5, warmup=None, buffers=model.buffers()
+    )
     bn = model[1]
     expected = bn.running_mean.double().clone()
     for _ in range(2):
@@ -308,7 +310,7 @@ def test_triton_backend_on_cpu_explains_the_interpreter(monkeypatch):
 def test_replaced_parameter_storage_is_followed(seed, backend):
     """``p.data = ...`` (as ``model.to()`` does) must not leave the EMA reading the old storage."""
     p = nn.Parameter(torch.randn(50))
-    opt = EMAOptimizerWrapper(torch.optim.SGD([p], lr=0.1), decay=0.5, backend=backend)
+    opt = EMAOptimizerWrapper(torch.optim.SGD([p], lr=0.1), warmup=None, decay=0.5, backend=backend)
     opt.update_ema()
     p.data = torch.full((50,), 3.0)
     before = opt.ema_params()[0].clone()
@@ -324,7 +326,7 @@ def test_parameters_that_are_views_of_one_buffer(seed, backend):
     flat = torch.randn(4 * 5 + 7 + 3)
     a = nn.Parameter(flat[3:23].view(4, 5))  # offset views share the flat buffer, as flat-parameter schemes do
     b = nn.Parameter(flat[23:30])
-    opt = EMAOptimizerWrapper(torch.optim.SGD([a, b], lr=0.1), decay=0.5, backend=backend)
+    opt = EMAOptimizerWrapper(torch.optim.SGD([a, b], lr=0.1), warmup=None, decay=0.5, backend=backend)
     assert a.data_ptr() == flat.data_ptr() + 3 * flat.element_size()
     start = [a.detach().clone(), b.detach().clone()]
     with torch.no_grad():
@@ -390,7 +392,7 @@ def test_torch_path_refuses_capture_with_a_changing_decay(monkeypatch):
     """A captured torch-path update would replay one host-computed decay forever: refuse it clearly."""
     model = make_model()
     warm = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.9, warmup="litema")
-    const = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.9)
+    const = EMAOptimizerWrapper(torch.optim.SGD(model.parameters(), lr=0.1), warmup=None, decay=0.9)
     # Stand-ins for CUDA tensors under capture (the check is only made where CUDA groups exist).
     for opt in (warm, const):
         monkeypatch.setattr(opt._dispatch, "_has_cuda", True)
@@ -414,7 +416,7 @@ def test_works_without_triton():
         import torch
         from triton_ema import EMAOptimizerWrapper
         p = torch.nn.Parameter(torch.ones(4))
-        opt = EMAOptimizerWrapper(torch.optim.SGD([p], lr=0.1), decay=0.5)
+        opt = EMAOptimizerWrapper(torch.optim.SGD([p], lr=0.1), warmup=None, decay=0.5)
         with torch.no_grad():
             p.fill_(3.0)
         opt.update_ema()
@@ -462,8 +464,8 @@ def test_state_dict_inside_ema_weights_holds_the_ema(seed):
 def test_ema_dtype_none_keeps_the_parameter_dtype(seed, backend, param_dtype):
     """``ema_dtype=None``: shadows in the parameter's own dtype (and a bf16 EMA, rounded each step)."""
     params = [nn.Parameter(torch.randn(n, dtype=param_dtype)) for n in (3, 1025)]
-    opt = EMAOptimizerWrapper(torch.optim.SGD(params, lr=0.1), decay=0.5, ema_dtype=None, backend=backend)
-    wide = EMAOptimizerWrapper(torch.optim.SGD(params, lr=0.1), decay=0.5, backend=backend)
+    opt = EMAOptimizerWrapper(torch.optim.SGD(params, lr=0.1), warmup=None, decay=0.5, ema_dtype=None, backend=backend)
+    wide = EMAOptimizerWrapper(torch.optim.SGD(params, lr=0.1), warmup=None, decay=0.5, backend=backend)
     expected = [p.detach().clone() for p in params]
     for _ in range(3):
         with torch.no_grad():

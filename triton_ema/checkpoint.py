@@ -9,7 +9,9 @@ added where the tools that reshard optimizer state carry it:
   ``get_optimizer_state_dict``) therefore move it with the parameter.
 * ``param_groups[i]["ema"]``, the same in every group: ``format_version`` (2),
   ``step``, ``skipped_updates``, ``schedule`` (the first profile) and ``profiles``
-  (one dict per profile, see :func:`triton_ema.schedules.profile_from_dict`).
+  (one dict per profile, see :func:`triton_ema.schedules.profile_from_dict`), and
+  ``inner_step``: the wrapped optimizer's own step count when saved (Adam's ``"step"``,
+  ``None`` for a stateless one), by which loading tells an EMA older than the state beside it.
 * ``"ema_buffers"`` (and ``"ema_buffers_{k}"``): the buffer EMAs (copies for
   integer buffers), in the order the buffers were given; absent without buffers.
 
@@ -39,6 +41,7 @@ from triton_ema.dispatch import Dispatcher
 from triton_ema.schedules import ProfileSet, profile_from_dict
 from triton_ema.snapshot_schedule import SnapshotSchedule
 from triton_ema.tracking import Tracker
+from triton_ema.traps import Traps, inner_step
 from triton_ema.util import as_global, local_shard
 
 FORMAT_VERSION = 2
@@ -56,9 +59,11 @@ def is_shadow_key(name: Any) -> bool:
     return isinstance(name, str) and (name == "ema_shadow" or name.startswith("ema_shadow_"))
 
 
-def ema_meta(opt: Any) -> dict[str, Any]:
+def ema_meta(opt: Any, optimizer_step: float | None = None) -> dict[str, Any]:
     """The ``"ema"`` entry of every parameter group."""
+    # The wrapped optimizer's own step count when saved: on loading, a larger one means a stale EMA (traps.py).
     return {
+        "inner_step": optimizer_step,
         "format_version": FORMAT_VERSION,
         "step": opt.num_steps,
         "skipped_updates": opt.skipped_updates,
@@ -69,13 +74,17 @@ def ema_meta(opt: Any) -> dict[str, Any]:
 
 def pack(opt: Any, state: dict[str, Any]) -> dict[str, Any]:
     """The inner optimizer's ``state`` with the wrapper's EMA added (see the module's docstring)."""
+    opt._tracked.check_groups(opt.param_groups)
+    refuse_flattened_dcp()
     profiles = []
     for k in range(len(opt.profiles)):
-        holders = opt._tracked.holders(k)
+        # Detached: inside ema_weights() the holders are the parameters themselves (copied, not kept).
+        holders = [h.detach() for h in opt._tracked.holders(k)]
         if opt._dispatch.swapped:
             holders = [h.clone() for h in holders]
         profiles.append(holders)
     packed_state = dict(state["state"])
+    meta = ema_meta(opt, inner_step(packed_state))
     position = 0
     for group in state["param_groups"]:
         for key in group["params"]:
@@ -86,7 +95,7 @@ def pack(opt: Any, state: dict[str, Any]) -> dict[str, Any]:
                 entry[shadow_key(k)] = as_global(holders[opt._tracked.param_entry[position]], p)
             packed_state[key] = entry
             position += 1
-        group["ema"] = ema_meta(opt)
+        group["ema"] = dict(meta)
     state["state"] = packed_state
     if opt._tracked.buffers:
         for k, holders in enumerate(profiles):
@@ -100,6 +109,7 @@ def parse(opt: Any, state_dict: Any) -> tuple[dict, dict, list[list[Tensor]], li
     """Split a state dict into the inner optimizer's part and the EMA, checking everything."""
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"state dict must be a mapping, got {type(state_dict).__name__}")
+    refuse_flattened_dcp()
     state, groups = state_dict.get("state"), state_dict.get("param_groups")
     if not isinstance(state, Mapping):
         raise ValueError("state dict has no 'state' mapping: it is not an optimizer state dict")
@@ -222,6 +232,24 @@ def parse(opt: Any, state_dict: Any) -> tuple[dict, dict, list[list[Tensor]], li
     return inner, meta, shadows, buffer_shadows, profiles
 
 
+def strip_ema(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a wrapper's state dict without the EMA: what the wrapped optimizer alone saves.
+
+    A plain optimizer that loads the wrapper's state dict keeps every ``"ema_shadow"``
+    in its state (a second copy of the model that it then saves again); load
+    ``strip_ema(state_dict)`` instead. Format 1 state dicts are stripped too.
+    """
+    if not isinstance(state_dict, Mapping) or not isinstance(state_dict.get("state"), Mapping):
+        raise ValueError(f"expected an optimizer state dict, got {type(state_dict).__name__}")
+    out = {
+        k: v for k, v in state_dict.items() if not (isinstance(k, str) and (k == "ema" or k.startswith("ema_buffers")))
+    }
+    out["state"] = {k: {n: v for n, v in e.items() if not is_shadow_key(n)} for k, e in state_dict["state"].items()}
+    out["state"] = {k: e for k, e in out["state"].items() if e}
+    out["param_groups"] = [{n: v for n, v in g.items() if n != "ema"} for g in state_dict.get("param_groups", [])]
+    return out
+
+
 def check_shadow(s: Any, ours: Tensor, kind: str, averaged: bool) -> None:
     if not isinstance(s, Tensor):
         raise ValueError(f"{kind} in the state dict is a {type(s).__name__}, not a tensor")
@@ -252,6 +280,7 @@ def load(
     profiles: ProfileSet,
 ) -> None:
     """Load what :func:`parse` accepted into the inner optimizer, the shadows and the step count."""
+    opt._traps.loading(opt, (inner, meta, shadows, buffer_shadows, profiles))
     opt._dispatch.join()
     opt.optimizer.load_state_dict(inner)
     with torch.no_grad():
@@ -299,7 +328,38 @@ def unpickle(opt: Any, state: dict[str, Any]) -> None:
     opt._dispatch = Dispatcher(opt.backend, state["ema_device"], state["skip_nonfinite"], n_profiles=len(opt.profiles))
     opt._tracked = Tracker(opt._dispatch, opt.ema_dtype)
     opt._tracked.unpickle(state, opt._step)
+    opt._traps = Traps(opt)
     opt._dispatch.set_skipped(state["skipped_updates"])
+
+
+FLATTENED_DCP = (
+    "torch.distributed.checkpoint's StateDictOptions(flatten_optimizer_state_dict=True) is not supported: "
+    "set_optimizer_state_dict rebuilds the flattened state from the optimizer's own state and group keys, "
+    "so the EMA (each parameter's 'ema_shadow' and the groups' 'ema') would be dropped on loading. Save the "
+    "optimizer with flatten_optimizer_state_dict=False (the default), or save opt.ema_state_dict() beside it"
+)
+
+
+def refuse_flattened_dcp() -> None:
+    """Raise when torch.distributed.checkpoint's helpers run with ``flatten_optimizer_state_dict=True``.
+
+    Recognised by the helper's frame a few levels up and its ``info`` (looked at only when saving and
+    loading state dicts, never per step).
+    """
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return
+        info = (
+            frame.f_locals.get("info")
+            if frame.f_code.co_name in ("_get_optim_state_dict", "_load_optim_state_dict")
+            else None
+        )
+        if getattr(info, "flatten_optimizer_state_dict", False) and frame.f_globals.get("__name__", "").startswith(
+            "torch.distributed.checkpoint"
+        ):
+            raise ValueError(FLATTENED_DCP)
+        frame = frame.f_back
 
 
 def lr_is_zero(groups: list[dict[str, Any]]) -> bool:

@@ -61,6 +61,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for split, label noise, init (default: 0)")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; 0 keeps torch's default (default: %(default)s: batches of 8 gain nothing from "
+        "more, and on a shared machine extra threads' spin-waits made the run 5-25x slower)",
+    )
+    parser.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device (default: cuda if available, else cpu)",
@@ -106,6 +113,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
     if args.posthoc:
         if len(set(args.profiles)) < 2:
             parser.error(f"--profiles needs at least two distinct sigma_rel values, got {args.profiles}")
@@ -162,7 +171,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     the results of :func:`_posthoc` (``sigma_rel``, ``acc``, ``loss``, ``raw_acc``, ``raw_loss``, ``tracked``).
     """
     args = _parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        # Batches of 8 through a 128-wide MLP are far too small to split across threads: a second one only
+        # adds synchronisation, and on a 2-vCPU machine shared with other jobs its spin-waits made the default
+        # run take 26-110 s instead of 3-6 s. The results are the same bits either way at these sizes.
+        torch.set_num_threads(args.threads)
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(threads)
 
+
+def _main(args: argparse.Namespace) -> dict[str, Any]:
     # Optional dependencies, imported here so that the package itself never needs them.
     import matplotlib
 
@@ -198,16 +219,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     steps_per_epoch = (len(y_tr) + args.batch_size - 1) // args.batch_size
     if args.posthoc:
         train = (x_tr, y_tr, gen, steps_per_epoch)
-        threads = torch.get_num_threads()
-        if device.type == "cpu":
-            # Batches of 8 through a 128-wide MLP are far too small to split across threads: a second one only
-            # adds synchronisation, and on a machine shared with other jobs its spin-waits made the run ~25x slower
-            # (measured on 2 vCPUs). The results are the same bits either way at these sizes.
-            torch.set_num_threads(1)
-        try:
-            return _posthoc(args, model, train, (x_te, y_te), plt, tqdm)
-        finally:
-            torch.set_num_threads(threads)
+        return _posthoc(args, model, train, (x_te, y_te), plt, tqdm)
 
     opt = EMAOptimizerWrapper(
         _sgd(model.parameters(), args),

@@ -313,12 +313,14 @@ class Dispatcher:
         """
         return self._swap.ema_holder(group, profile)
 
+    @torch.inference_mode(False)  # backups and scratch kept for later swaps must not be inference tensors
     def swap_in(self, profile: int = 0) -> None:
         """Put profile ``profile``'s EMA into every tracked tensor. On any failure nothing has changed."""
         self.join()
         self.refresh()
         self._swap.swap_in(list(self.groups.values()), profile)
 
+    @torch.inference_mode(False)
     def swap_out(self) -> None:
         """Put the trained values back. On failure the EMA stays swapped in, as it was, and it re-raises."""
         self.refresh()

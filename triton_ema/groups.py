@@ -28,6 +28,16 @@ def real_view(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def _span(t: Tensor) -> tuple[int, int] | None:
+    """The bytes ``[first, end)`` that ``t`` can reach, or None when it holds no elements."""
+    if t.numel() == 0:
+        return None
+    size, reach = t.element_size(), list(zip(t.shape, t.stride()))
+    low = sum(min(0, (n - 1) * st) for n, st in reach) * size
+    high = (sum(max(0, (n - 1) * st) for n, st in reach) + 1) * size
+    return (t.data_ptr() + low, t.data_ptr() + high)
+
+
 def describe(t: Tensor) -> str:
     return f"{t.dtype} {tuple(t.shape)} stride {t.stride()} on {t.device}"
 
@@ -107,16 +117,40 @@ class Group:
                     )
         ptrs = list(map(Tensor.data_ptr, self.sources))
         if ptrs != self._ptrs:
+            self._check_disjoint()
             # Detached views: the in-place updates then record nothing for autograd without a
             # no_grad context per step; they are rebuilt whenever a source's storage moves.
-            self.params = [real_view(t.detach()) for t in self.sources]
+            with torch.inference_mode(False):  # views made under inference_mode could not be updated outside it
+                self.params = [real_view(t.detach()) for t in self.sources]
             self._cache = {k: v for k, v in self._cache.items() if k[0] == "real"}
             self._ptrs = ptrs
+
+    def _check_disjoint(self) -> None:
+        """Refuse storage that overlaps a shadow or another source (``p.data = shadow``); on the slow path only.
+
+        Sorted by first byte, a tensor overlaps another exactly when it starts before the furthest end so far.
+        """
+        spans = [(t, name) for t, name in zip(self.sources, self.names)]
+        spans += [(s, f"the EMA of {name}") for shadows in self.profile_shadows for s, name in zip(shadows, self.names)]
+        reach = sorted((str(t.device), *span, name) for t, name in spans if (span := _span(t)) is not None)
+        dev, end, name = None, 0, ""
+        for next_dev, start, next_end, next_name in reach:
+            if dev == next_dev and start < end:
+                raise RuntimeError(
+                    f"{next_name} and {name} now overlap in memory (e.g. after p.data = a shadow or another "
+                    "parameter): the EMA would average or swap a tensor into itself. The EMA was not updated or "
+                    "swapped; give the parameter storage of its own."
+                )
+            if dev != next_dev or next_end > end:
+                dev, end, name = next_dev, next_end, next_name
 
     def _cached(self, key: tuple, make):
         value = self._cache.get(key)
         if value is None:
-            value = self._cache[key] = make()
+            # Built outside inference_mode (a first ema_weights() in Lightning's validation), so later training
+            # steps may still write to the views and scratch kept here.
+            with torch.inference_mode(False):
+                value = self._cache[key] = make()
         return value
 
     def real_shadows_of(self, k: int) -> list[Tensor]:

@@ -62,6 +62,21 @@ class Tracker:
             for i, (p, n) in enumerate(zip(params, names))
         ]
 
+    def check_groups(self, param_groups: list[dict[str, Any]]) -> None:
+        """Refuse parameters added (or removed) behind the wrapper: to its live ``param_groups`` or the inner optimizer.
+
+        Only counts on the fast path; the names are worked out once a count differs.
+        """
+        if sum(len(g["params"]) for g in param_groups) == len(self.params):
+            return
+        tracked = {id(p) for p in self.params}
+        new = [name for p, name in self.all_params(param_groups) if id(p) not in tracked]
+        what = f"{', '.join(new)} {'was' if len(new) == 1 else 'were'} added" if new else "parameters were removed"
+        raise ValueError(
+            f"{what} behind the wrapper (to its param_groups or to the wrapped optimizer), so the EMA does not "
+            "track them; add parameter groups with opt.add_param_group(...) on the EMAOptimizerWrapper instead"
+        )
+
     def shadow_dtype(self, t: Tensor) -> torch.dtype:
         return t.dtype if self.ema_dtype is None else torch.promote_types(t.dtype, self.ema_dtype)
 
@@ -81,6 +96,7 @@ class Tracker:
         for t, name, is_buffer in items:
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name} is a {type(t).__name__}, not a tensor")
+            check_storage(t, name)
             local = local_shard(t)
             averaged = t.is_floating_point() or t.is_complex()
             if not averaged and not is_buffer:
@@ -157,6 +173,20 @@ class Tracker:
         self.dispatch.join()
         groups = self.dispatch.groups
         return [self.dispatch.ema_holder(groups[e.key], profile)[e.slot] for e in self.entries]
+
+
+def check_storage(t: Tensor, name: str) -> None:
+    """Refuse tensors with no values to average: on the meta device, or sparse (no strided storage)."""
+    if t.device.type == "meta":
+        raise ValueError(
+            f"{name} is on the meta device: it holds no values to average. Materialise the model first "
+            "(model.to_empty(device=...) and its initialisation, or load_state_dict(..., assign=True)), then wrap"
+        )
+    if t.layout != torch.strided:
+        raise ValueError(
+            f"{name} is a {t.layout} tensor: the EMA needs dense (strided) parameters; sparse gradients "
+            "(nn.Embedding(sparse=True)) are fine, sparse parameters are not"
+        )
 
 
 def region_key(t: Tensor) -> tuple:

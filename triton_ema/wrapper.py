@@ -14,15 +14,15 @@ from torch.optim import Optimizer
 
 from triton_ema import checkpoint
 from triton_ema.dispatch import BACKENDS, MAX_PROFILES, Dispatcher
+from triton_ema.export import EMAExport
 from triton_ema.schedules import PowerProfile, ProfileSet, Schedule
 from triton_ema.snapshot_schedule import SnapshotConfig, SnapshotSchedule
 from triton_ema.tracking import Tracker
+from triton_ema.traps import Traps
 from triton_ema.util import as_global
 
-_UNSET: Any = object()
 
-
-class EMAOptimizerWrapper(Optimizer):
+class EMAOptimizerWrapper(EMAExport, Optimizer):
     r"""Wraps an optimizer and keeps an exponential moving average of its parameters.
 
     After every successful :meth:`step` of the wrapped optimizer, each parameter's
@@ -56,8 +56,8 @@ class EMAOptimizerWrapper(Optimizer):
         optimizer: the optimizer to wrap.
         decay: the largest decay, in ``[0, 1]`` (default 0.9999); a tuple of decays tracks
             one EMA profile per decay, all updated in one pass.
-        warmup: ``None``, ``"litema"`` or ``"power"``.
-        warmup_gamma, warmup_power: the ``"power"`` schedule's constants.
+        warmup: ``"power"`` (default, as ema-pytorch and timm's ModelEmaV3), ``"litema"`` or ``None``.
+        warmup_gamma, warmup_power: the ``"power"`` schedule's constants (default 1 and 2/3).
         min_decay: the smallest decay, in ``[0, decay]``.
         update_after_step: steps before this one copy the parameters.
         update_every: update on every ``update_every``-th step only.
@@ -65,10 +65,10 @@ class EMAOptimizerWrapper(Optimizer):
             ``None`` keeps the parameter's dtype.
         backend: ``"auto"`` (Triton for CUDA tensors, torch ops otherwise),
             ``"triton"`` or ``"torch"``.
-        buffers: module buffers to track too (e.g. ``model.buffers()`` for
-            BatchNorm statistics): floating ones are averaged like parameters,
-            the others copied on each update; all are swapped by
-            :meth:`ema_weights`. Default: none, the parameters only.
+        buffers: module buffers to track too (BatchNorm statistics): floating ones
+            are averaged like parameters, the others copied on each update; all are
+            swapped by :meth:`ema_weights`. Default: ``model.buffers()`` when
+            ``model`` is given (as timm and ema-pytorch do), else none; ``[]`` for none.
         ema_device: ``"cpu"`` keeps the shadows of CUDA parameters in pinned host
             memory, updated by a worker thread after an asynchronous copy, so the
             training stream never waits for the EMA (not for CUDA graphs).
@@ -86,9 +86,9 @@ class EMAOptimizerWrapper(Optimizer):
             safetensors (asynchronously; :meth:`flush` waits), for
             :func:`triton_ema.posthoc.reconstruct` to build the EMA of any width
             after training. ``snapshot_dtype`` defaults to the shadows' dtype.
-        model: names snapshot tensors after ``model.named_parameters()`` and
-            ``named_buffers()`` when the inner optimizer was not built from
-            ``named_parameters()`` (whose names are used otherwise).
+        model: the model trained: its buffers are tracked, :meth:`ema_state_dict` is keyed like
+            its ``state_dict()``, snapshot tensors are named after it (unless the
+            inner optimizer was built from ``named_parameters()``).
 
     .. note::
         A bf16 or fp16 parameter gets an fp32 shadow by default: with
@@ -111,9 +111,9 @@ class EMAOptimizerWrapper(Optimizer):
     def __init__(
         self,
         optimizer: Optimizer,
-        decay: float | Sequence[float] = _UNSET,
+        decay: float | Sequence[float] = 0.9999,
         *,
-        warmup: str | None = None,
+        warmup: str | None = "power",
         warmup_gamma: float = 1.0,
         warmup_power: float = 2.0 / 3.0,
         min_decay: float = 0.0,
@@ -146,7 +146,7 @@ class EMAOptimizerWrapper(Optimizer):
             raise ValueError(f"ema_dtype must be a floating torch.dtype or None, got {ema_dtype!r}")
         if not isinstance(skip_nonfinite, bool):
             raise TypeError(f"skip_nonfinite must be a bool, got {type(skip_nonfinite).__name__}")
-        buffers = list(buffers) if buffers is not None else []
+        buffers = list(buffers if buffers is not None else model.buffers() if model is not None else [])
         for i, b in enumerate(buffers):
             if not isinstance(b, Tensor):
                 raise TypeError(f"buffers[{i}] is a {type(b).__name__}, not a tensor")
@@ -165,6 +165,7 @@ class EMAOptimizerWrapper(Optimizer):
         self._dispatch = Dispatcher(backend, ema_device, skip_nonfinite, n_profiles=len(profiles))
         self._tracked = Tracker(self._dispatch, ema_dtype)
         self._tracked.track(self._tracked.all_params(self.param_groups), buffers, self._step)
+        self._traps = Traps(self)
 
     @property
     def schedule(self) -> Schedule | PowerProfile:
@@ -251,11 +252,12 @@ class EMAOptimizerWrapper(Optimizer):
         return out
 
     def _step_once(self, closure: Callable[[], Any] | None) -> Any:
-        self._check_not_swapped("step")
         if checkpoint.initialising_state(self.optimizer):
-            # torch.distributed.checkpoint creates optimizer state by stepping with zero
-            # gradients and learning rates; that is not a training step.
+            # torch.distributed.checkpoint creates optimizer state by stepping with zero gradients and
+            # learning rates: not a training step, and it changes no weight (so also inside ema_weights()).
             return self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        self._check_not_swapped("step")
+        self._tracked.check_groups(self.param_groups)
         self._dispatch.before_step()
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         self.update_ema()
@@ -346,6 +348,7 @@ class EMAOptimizerWrapper(Optimizer):
             raise RuntimeError("ema_weights() is already active; it does not nest")
         self._check_not_swapped("ema_weights")
         self._check_profile(profile)
+        self._traps.before_swap(self._step)
         try:
             self._dispatch.swap_in(profile)
             yield self
@@ -440,14 +443,15 @@ def _profiles(
         return values
 
     if sigma_rel is not None:
-        if decay is not _UNSET or warmup is not None:
+        # The defaults are plain values (help() shows them): any other decay or warmup came from the caller.
+        if decay != 0.9999 or warmup != "power":
             raise ValueError(
                 "sigma_rel selects power-function profiles, which have no decay or warmup: pass either "
                 "sigma_rel=... or decay=.../warmup=..., not both"
             )
         members = tuple(PowerProfile(s, update_after_step, update_every) for s in as_tuple(sigma_rel, "sigma_rel"))
     else:
-        decays = as_tuple(0.9999 if decay is _UNSET else decay, "decay")
+        decays = as_tuple(decay, "decay")
         members = tuple(
             Schedule(d, warmup, warmup_gamma, warmup_power, min_decay, update_after_step, update_every) for d in decays
         )
