@@ -30,10 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# The recorder must see the real launch path, not the interpreter's.
-os.environ.pop("TRITON_INTERPRET", None)
-# Triton 3.9 warns when unset; 1 is its default, the one a launch gets.
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+if __name__ == "__main__":
+    # The recorder must see the real launch path, not the interpreter's (a process of its own: a test
+    # session that imports this module for its helpers keeps its interpreter on).
+    os.environ.pop("TRITON_INTERPRET", None)
+    # Triton 3.9 warns when unset; 1 is its default, the one a launch gets.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import torch  # noqa: E402
 import triton  # noqa: E402

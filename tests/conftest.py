@@ -43,6 +43,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _interpreter_stays_on() -> None:
+    """Without CUDA every kernel test runs in the interpreter: fail loudly if anything switched it off."""
+    if not torch.cuda.is_available():
+        assert interpreting(), "TRITON_INTERPRET was removed from this session's environment"
+
+
 @pytest.fixture(
     params=CONFIGS,
     ids=[f"b{c.kwargs['BLOCK']}-e{c.kwargs['ENTRIES_PER_PROGRAM']}-w{c.num_warps}" for c in CONFIGS],
