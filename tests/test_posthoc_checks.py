@@ -60,3 +60,131 @@ def test_coefficients_agree_with_oracle_on_repeats() -> None:
     folded = x[:-2].clone()
     folded[-2:] += x[-2:]  # a repeated snapshot's weight belongs to the one it repeats
     torch.testing.assert_close(folded, ref, atol=1e-9, rtol=0)
+
+
+# --- refused at the start ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sigma_rel": (0.05, 0.1), "min_decay": 0.5}, "no min_decay=0.5"),
+        ({"sigma_rel": (0.05, 0.1), "warmup_gamma": 2.0}, "no warmup_gamma=2.0"),
+        ({"sigma_rel": 0.1, "warmup_power": 0.75}, "no warmup_power=0.75"),
+        ({"sigma_rel": 0.1, "snapshot_every": 5}, "two distinct sigma_rel values.*sigma_rel=0.1"),
+        ({"sigma_rel": (0.1, 0.1), "snapshot_every": 5}, r"two distinct sigma_rel values.*\(0.1, 0.1\)"),
+    ],
+    ids=["min_decay", "warmup_gamma", "warmup_power", "one-sigma", "repeated-sigma"],
+)
+def test_refused_at_construction(kwargs: dict, match: str, tmp_path: Path) -> None:
+    from triton_ema import EMAOptimizerWrapper
+
+    if "snapshot_every" in kwargs:
+        kwargs = {**kwargs, "snapshot_dir": tmp_path / "snaps"}
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=match):
+        EMAOptimizerWrapper(torch.optim.SGD([p], lr=0.1), **kwargs)
+    assert not (tmp_path / "snaps").exists() or not any((tmp_path / "snaps").iterdir())
+
+
+def test_decays_with_different_min_decay_are_refused() -> None:
+    """A profile set is built from one min_decay by the wrapper; a state dict holding two is refused too."""
+    from triton_ema import EMAOptimizerWrapper
+    from triton_ema.schedules import ProfileSet, Schedule
+
+    with pytest.raises(ValueError, match="must share the warmup and min_decay"):
+        ProfileSet((Schedule(0.99, min_decay=0.1), Schedule(0.999, min_decay=0.2)))
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = EMAOptimizerWrapper(torch.optim.SGD([p], lr=0.1), decay=(0.99, 0.999), min_decay=0.1)
+    opt.step()
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        group["ema"]["profiles"][1]["min_decay"] = 0.2
+    before = [t.clone() for k in (0, 1) for t in opt.ema_params(profile=k)]
+    with pytest.raises(ValueError, match="must share the warmup and min_decay"):
+        opt.load_state_dict(state)
+    assert opt.profiles.members[1].min_decay == 0.1 and opt.num_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, [t for k in (0, 1) for t in opt.ema_params(profile=k)]))
+
+
+@pytest.mark.parametrize("direction", ["decay-into-sigma", "sigma-into-decay"])
+def test_state_dict_of_another_profile_kind_is_refused(direction: str) -> None:
+    from triton_ema import EMAOptimizerWrapper
+
+    kinds = [{"decay": (0.99, 0.999)}, {"sigma_rel": (0.05, 0.1)}]
+    src_kw, dst_kw = kinds if direction == "decay-into-sigma" else kinds[::-1]
+    p = torch.nn.Parameter(torch.randn(3))
+    src = EMAOptimizerWrapper(torch.optim.SGD([p], lr=0.1), **src_kw)
+    dst = EMAOptimizerWrapper(torch.optim.SGD([p], lr=0.1), **dst_kw)
+    for _ in range(3):
+        p.data.add_(1.0)
+        src.step()
+    dst.step()
+    profiles, shadows = dst.profiles, [t.clone() for k in (0, 1) for t in dst.ema_params(profile=k)]
+    with pytest.raises(ValueError, match="profiles.*loads only into a wrapper of the same kind"):
+        dst.load_state_dict(src.state_dict())
+    assert dst.profiles == profiles and dst.num_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(shadows, [t for k in (0, 1) for t in dst.ema_params(profile=k)]))
+
+
+# --- target steps ------------------------------------------------------------------------------------------------
+
+
+def _run(directory: Path, steps: int = 40, after: int = 0, every: int = 10, **kw) -> torch.nn.Module:
+    """A small model trained by the wrapper with snapshots every ``every`` updates."""
+    from triton_ema import EMAOptimizerWrapper
+
+    torch.manual_seed(0)
+    model = kw.pop("model", None) or torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    params = kw.pop("params", None)
+    opt = EMAOptimizerWrapper(
+        torch.optim.SGD(model.named_parameters() if params is None else params, lr=0.1),
+        sigma_rel=(0.05, 0.10),
+        snapshot_every=every,
+        snapshot_dir=directory,
+        update_after_step=after,
+        **kw,
+    )
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(5, 3)).square().sum().backward()
+        opt.step()
+    opt.flush()
+    return model
+
+
+def test_step_between_snapshots_is_refused_naming_the_nearest(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from triton_ema import posthoc
+
+    _run(tmp_path / "run", after=5)  # snapshot steps 10, 20, 30, 40 at times t = step - 5
+    with pytest.raises(ValueError, match="Invalid step value: 25. It is not a snapshot step.*nearest are 20 and 30"):
+        posthoc.reconstruct(tmp_path / "run", 0.08, step=25)
+    with pytest.raises(ValueError, match="Invalid step value: 7.*nearest are 10 "):
+        posthoc.reconstruct(tmp_path / "run", 0.08, step=7)
+    out = tmp_path / "out"
+    assert posthoc.main([str(tmp_path / "run"), "--sigma-rel", "0.08", "--step", "25", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Invalid step value: 25") and "20 and 30" in err and not out.exists()
+    # at a snapshot step, the time is step - update_after_step: reconstructing a tracked width gives that snapshot
+    from safetensors.torch import load_file
+
+    state = posthoc.reconstruct(tmp_path / "run", 0.10, step=30)
+    stored = load_file(str(tmp_path / "run" / "ema-s000000030-p1-r0.safetensors"))
+    for name, t in stored.items():
+        torch.testing.assert_close(state[name], t, atol=1e-5, rtol=1e-5)
+
+
+def test_default_target_is_the_latest_snapshot_whatever_the_order(tmp_path: Path, monkeypatch) -> None:
+    from triton_ema import posthoc
+
+    _run(tmp_path, steps=30)
+    want = posthoc.reconstruct(tmp_path, 0.10)
+    load = posthoc._load
+    monkeypatch.setattr(posthoc, "_load", lambda d: {r: e[::-1] for r, e in load(d).items()})
+    got = posthoc.reconstruct(tmp_path, 0.10)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    from safetensors.torch import load_file
+
+    last = load_file(str(tmp_path / "ema-s000000030-p1-r0.safetensors"))
+    for name, t in last.items():
+        torch.testing.assert_close(got[name], t, atol=1e-5, rtol=1e-5)

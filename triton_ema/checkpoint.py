@@ -206,6 +206,13 @@ def parse(opt: Any, state_dict: Any) -> tuple[dict, dict, list[list[Tensor]], li
             raise ValueError("its 'schedule' and first profile differ")
     except (TypeError, ValueError) as e:
         raise ValueError(f"EMA schedule in the state dict is invalid: {e}") from e
+    kinds = [type(ps.members[0]).__name__ for ps in (profiles, opt.profiles)]
+    if kinds[0] != kinds[1]:
+        what = {"Schedule": "decay=", "PowerProfile": "sigma_rel="}
+        raise ValueError(
+            f"the state dict's EMA profiles are {what[kinds[0]]} profiles, this wrapper tracks {what[kinds[1]]} "
+            "profiles: a checkpoint loads only into a wrapper of the same kind"
+        )
     if len(profiles) != len(opt.profiles):
         raise ValueError(f"state dict has {len(profiles)} EMA profiles, this wrapper tracks {len(opt.profiles)}")
     for k, per_profile in enumerate(shadows):

@@ -10,8 +10,9 @@ A run that tracked at least two power-function profiles and saved their snapshot
 3. the EMA is ``Σ x_i θ_i``, accumulated in fp32 one snapshot file at a time, so peak memory is about one model
    per requested ``σ_rel`` plus one tensor being read.
 
-The target time defaults to the last snapshot's; ``step=`` picks an earlier one, and then only the snapshots taken
-up to it are used (later ones hold weights from after it).
+The target time defaults to the last snapshot's; ``step=`` picks an earlier snapshot step (any other step is
+refused, naming the nearest snapshot steps), and then only the snapshots taken up to it are used (later ones hold
+weights from after it).
 
 **Ranks.** Each rank's index is reconstructed from its own files (reconstruction is elementwise linear, so a shard
 reconstructs on its own). ``rank=r`` returns rank ``r``'s tensors as stored (its local shards). ``rank=None``
@@ -53,12 +54,6 @@ def _load(directory: str) -> dict[int, list[dict[str, Any]]]:
     return indexes
 
 
-def _offset(entries: Sequence[dict[str, Any]]) -> float | None:
-    """``step − t`` (update_after_step) if it is the same for every entry, else None."""
-    offsets = {float(e["step"]) - float(e["t"]) for e in entries}
-    return offsets.pop() if len(offsets) == 1 else None
-
-
 def _plan(entries: Sequence[dict[str, Any]], step: int | None, where: str) -> tuple[list[dict[str, Any]], int, float]:
     """The entries used, the target step and the target time."""
     if not entries:
@@ -75,13 +70,19 @@ def _plan(entries: Sequence[dict[str, Any]], step: int | None, where: str) -> tu
                 "a reconstruction can only target times the snapshots cover."
             )
         at_step = [e for e in entries if e["step"] == step]
-        if at_step:
-            target_t = float(at_step[0]["t"])
-        else:
-            offset = _offset(entries)
-            if offset is None:
-                raise ValueError(f"step {step} is not a snapshot step, and the snapshots' step − t is not constant")
-            target_t = step - offset
+        if not at_step:
+            # Between snapshots the weights after the last one before it are unknown: never label a
+            # reconstruction with a step it does not represent.
+            steps = sorted({int(e["step"]) for e in entries})
+            before = [s for s in steps if s < step][-1:]
+            after = [s for s in steps if s > step][:1]
+            nearest = " and ".join(f"{s}" for s in before + after)
+            raise ValueError(
+                f"Invalid step value: {step}. It is not a snapshot step in {where}; a reconstruction targets the "
+                f"step of a snapshot: the nearest are {nearest} (of {len(steps)} snapshot steps, {steps[0]} to "
+                f"{steps[-1]})"
+            )
+        target_t = float(at_step[0]["t"])
     if not target_t > 0:
         raise ValueError(f"the target step {step} has time t = {target_t} <= 0 (before update_after_step)")
     # Later snapshots hold weights from after the target. (At a snapshot time they would get zero weight anyway:
@@ -275,7 +276,8 @@ def reconstruct_many(
     Args:
         directory: a snapshot directory written by :class:`triton_ema.snapshot.SnapshotWriter`.
         sigma_rels: the relative widths wanted, each in ``(0, 12**-0.5)``.
-        step: the target step (default: the last snapshot's); must not be after the last snapshot.
+        step: the target step (default: the last snapshot's, whatever order the index lists them in); it must be
+            a snapshot step (any other is refused, naming the nearest ones).
         rank: which rank's tensors (see the module docstring); ``None``: the only rank, or all ranks assembled.
         out_dir: if given, also write one safetensors file per σ_rel there, named by :func:`output_name`.
         progress: show a tqdm progress bar over the files (if tqdm is installed).

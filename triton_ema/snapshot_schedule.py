@@ -31,8 +31,9 @@ class SnapshotConfig:
     dtype: torch.dtype | None
     model: torch.nn.Module | None
     power_profiles: InitVar[bool] = True  # what the wrapper averages: snapshots need power-function profiles
+    sigma_rels: InitVar[tuple] = ()  # their widths: a reconstruction needs two distinct ones
 
-    def __post_init__(self, power_profiles: bool) -> None:
+    def __post_init__(self, power_profiles: bool, sigma_rels: tuple = ()) -> None:
         if self.every is not None or self.dir is not None:
             if self.every is None or self.dir is None:
                 raise ValueError("snapshots need both snapshot_every and snapshot_dir")
@@ -41,6 +42,11 @@ class SnapshotConfig:
             if not power_profiles:
                 raise ValueError(
                     "snapshots are for post-hoc reconstruction, which needs power-function profiles: pass sigma_rel=..."
+                )
+            if sigma_rels and (len(sigma_rels) < 2 or len(set(sigma_rels)) != len(sigma_rels)):
+                raise ValueError(
+                    f"snapshots are for post-hoc reconstruction, which needs at least two distinct sigma_rel values "
+                    f"(two profiles of different widths); got sigma_rel={sigma_rels if len(sigma_rels) > 1 else sigma_rels[0]}"
                 )
         if self.dtype is not None and (not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point):
             raise ValueError(f"snapshot_dtype must be a floating torch.dtype or None, got {self.dtype!r}")

@@ -138,7 +138,8 @@ class EMAOptimizerWrapper(Optimizer):
             decay, sigma_rel, warmup, warmup_gamma, warmup_power, min_decay, update_after_step, update_every
         )
         snapshots = SnapshotConfig(
-            snapshot_every, snapshot_dir, snapshot_dtype, model, isinstance(profiles.members[0], PowerProfile)
+            snapshot_every, snapshot_dir, snapshot_dtype, model, isinstance(profiles.members[0], PowerProfile),
+            tuple(getattr(m, "sigma_rel", None) for m in profiles.members),
         )
         if backend not in BACKENDS:
             raise ValueError(f"Unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
@@ -444,6 +445,14 @@ def _profiles(
             raise ValueError(
                 "sigma_rel selects power-function profiles, which have no decay or warmup: pass either "
                 "sigma_rel=... or decay=.../warmup=..., not both"
+            )
+        given = {"min_decay": (min_decay, 0.0), "warmup_gamma": (warmup_gamma, 1.0)}
+        given["warmup_power"] = (warmup_power, 2.0 / 3.0)
+        extra = [f"{n}={v!r}" for n, (v, default) in given.items() if v != default]
+        if extra:
+            raise ValueError(
+                f"sigma_rel selects power-function profiles, which have no {', '.join(extra)}: their weights "
+                "follow from sigma_rel alone; pass either sigma_rel=... or decay=... with those, not both"
             )
         members = tuple(PowerProfile(s, update_after_step, update_every) for s in as_tuple(sigma_rel, "sigma_rel"))
     else:
