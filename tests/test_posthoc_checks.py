@@ -137,6 +137,10 @@ def _run(directory: Path, steps: int = 40, after: int = 0, every: int = 10, **kw
     torch.manual_seed(0)
     model = kw.pop("model", None) or torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     params = kw.pop("params", None)
+    if kw.pop("model_kw", False):
+        kw["model"] = model
+    if "wrapped_model" in kw:
+        kw["model"] = kw.pop("wrapped_model")
     opt = EMAOptimizerWrapper(
         torch.optim.SGD(model.named_parameters() if params is None else params, lr=0.1),
         sigma_rel=(0.05, 0.10),
@@ -188,3 +192,148 @@ def test_default_target_is_the_latest_snapshot_whatever_the_order(tmp_path: Path
     last = load_file(str(tmp_path / "ema-s000000030-p1-r0.safetensors"))
     for name, t in last.items():
         torch.testing.assert_close(got[name], t, atol=1e-5, rtol=1e-5)
+
+
+# --- names -------------------------------------------------------------------------------------------------------
+
+
+def _two_linear() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+
+
+def _names_in(directory: Path) -> set[str]:
+    from triton_ema.snapshot import read_index
+
+    return set(read_index(directory)[0][-1]["tensors"])
+
+
+def test_duplicate_names_are_refused_without_a_model(tmp_path: Path) -> None:
+    from triton_ema import EMAOptimizerWrapper
+
+    model = _two_linear()
+    groups = [{"params": list(m.named_parameters())} for m in model]  # one named group per submodule
+    with pytest.raises(ValueError, match=r"names must be unique.*'weight' for parameter 0 \('weight'\), parameter 2"):
+        EMAOptimizerWrapper(torch.optim.SGD(groups, lr=0.1), sigma_rel=(0.05, 0.1), snapshot_every=1,
+                            snapshot_dir=tmp_path)
+
+
+def test_duplicate_names_are_qualified_from_the_model(tmp_path: Path) -> None:
+    model = _two_linear()
+    groups = [{"params": list(m.named_parameters())} for m in model]
+    _run(tmp_path, steps=10, model=model, params=groups, model_kw=True)
+    assert _names_in(tmp_path) == set(model.state_dict())
+
+
+def test_param_names_win_over_model_names(tmp_path: Path) -> None:
+    model = _two_linear()
+    named = [(f"custom{i}", p) for i, p in enumerate(model.parameters())]
+    _run(tmp_path, steps=10, model=model, params=named, model_kw=True)
+    assert _names_in(tmp_path) == {f"custom{i}" for i in range(4)}
+
+
+@pytest.mark.parametrize("wrapping", ["compile", "ddp-names", "compile-ddp-names"])
+def test_wrapped_model_names_are_the_plain_models(tmp_path: Path, wrapping: str) -> None:
+    model = _two_linear()
+    if wrapping == "compile":
+        params = list(torch.compile(model).named_parameters())
+        assert params[0][0].startswith("_orig_mod.")
+    else:  # the names DDP(model).named_parameters() gives, compiled after or not
+        prefix = "_orig_mod.module." if wrapping.startswith("compile") else "module."
+        params = [(prefix + n, p) for n, p in model.named_parameters()]
+    _run(tmp_path, steps=10, model=model, params=params)
+    assert _names_in(tmp_path) == set(model.state_dict())
+
+
+def test_model_given_wrapped_names_after_the_plain_model(tmp_path: Path) -> None:
+    model = _two_linear()
+    _run(tmp_path, steps=10, model=model, params=list(model.parameters()), wrapped_model=torch.compile(model))
+    assert _names_in(tmp_path) == set(model.state_dict())
+
+
+def test_names_are_worked_out_once(tmp_path: Path, monkeypatch) -> None:
+    from triton_ema import snapshot_schedule
+
+    calls = []
+    original = snapshot_schedule._names
+    monkeypatch.setattr(snapshot_schedule, "_names", lambda *a: calls.append(1) or original(*a))
+    _run(tmp_path, steps=30, every=5)
+    assert len(calls) == 1
+
+
+# --- complex parameters, tensors added mid-run -------------------------------------------------------------------
+
+
+def test_complex_parameters_are_reconstructed_as_complex(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from triton_ema import EMAOptimizerWrapper, posthoc
+    from triton_ema.profiles import sigma_rel_to_gamma
+
+    torch.manual_seed(0)
+    z = torch.nn.Parameter(torch.randn(5, dtype=torch.complex64))
+    w = torch.nn.Parameter(torch.randn(3))
+    opt = EMAOptimizerWrapper(
+        torch.optim.SGD([("z", z), ("w", w)], lr=0.1), sigma_rel=(0.05, 0.1), snapshot_every=5, snapshot_dir=tmp_path
+    )
+    for _ in range(20):
+        opt.zero_grad()
+        (z.abs().square().sum() + w.square().sum()).backward()
+        z.grad.add_(torch.randn_like(z))
+        opt.step()
+    opt.flush()
+    state = posthoc.reconstruct(tmp_path, 0.07)
+    assert state["z"].dtype == torch.complex64 and state["w"].dtype == torch.float32
+    files = sorted(tmp_path.glob("ema-*.safetensors"))
+    entries = [(int(f.name[5:14]), int(f.name[16])) for f in files]
+    x = solve_coefficients([(s, sigma_rel_to_gamma((0.05, 0.1)[k])) for s, k in entries], 20.0, sigma_rel_to_gamma(0.07))
+    want = sum(float(c) * load_file(str(f))["z"].to(torch.complex128) for c, f in zip(x, files))
+    assert want.imag.abs().max() > 0.1
+    torch.testing.assert_close(state["z"], want.to(torch.complex64), atol=1e-4, rtol=1e-4)
+
+
+def test_named_add_param_group_mid_run_reconstructs_from_the_snapshots_that_hold_it(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from triton_ema import EMAOptimizerWrapper, posthoc
+    from triton_ema.profiles import sigma_rel_to_gamma
+
+    model = _two_linear()
+    opt = EMAOptimizerWrapper(
+        torch.optim.SGD(model[0].named_parameters(prefix="0"), lr=0.1),
+        sigma_rel=(0.05, 0.1),
+        snapshot_every=10,
+        snapshot_dir=tmp_path,
+    )
+    for step in range(1, 41):
+        opt.zero_grad()
+        model(torch.randn(5, 3)).square().sum().backward()
+        opt.step()
+        if step == 20:  # as torch takes them: (name, parameter) pairs
+            opt.add_param_group({"params": list(model[1].named_parameters(prefix="1")), "lr": 0.05})
+    opt.flush()
+    assert opt.param_groups[1]["param_names"] == ["1.weight", "1.bias"]
+    assert _names_in(tmp_path) == set(model.state_dict())
+    state = posthoc.reconstruct(tmp_path, 0.07)
+    assert set(state) == set(model.state_dict())
+    g = {0: sigma_rel_to_gamma(0.05), 1: sigma_rel_to_gamma(0.1)}
+    target = sigma_rel_to_gamma(0.07)
+    for name, steps in (("0.weight", (10, 20, 30, 40)), ("1.weight", (30, 40))):
+        snaps = [(s, k) for s in steps for k in (0, 1)]
+        x = solve_coefficients([(float(s), g[k]) for s, k in snaps], 40.0, target)
+        files = [tmp_path / f"ema-s{s:09d}-p{k}-r0.safetensors" for s, k in snaps]
+        want = sum(float(c) * load_file(str(f))[name].double() for c, f in zip(x, files))
+        torch.testing.assert_close(state[name], want.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_add_param_group_with_a_name_already_taken_is_refused_with_nothing_changed(tmp_path: Path) -> None:
+    from triton_ema import EMAOptimizerWrapper
+
+    model = _two_linear()
+    opt = EMAOptimizerWrapper(
+        torch.optim.SGD(model[0].named_parameters(), lr=0.1), sigma_rel=(0.05, 0.1), snapshot_every=1,
+        snapshot_dir=tmp_path,
+    )
+    with pytest.raises(ValueError, match=r"names must be unique.*'weight' for parameter 2 \('weight'\)"):
+        opt.add_param_group({"params": list(model[1].named_parameters())})
+    assert len(opt.param_groups) == 1 and len(opt.ema_params()) == 2

@@ -309,6 +309,17 @@ def unpickle(opt: Any, state: dict[str, Any]) -> None:
     opt._dispatch.set_skipped(state["skipped_updates"])
 
 
+def split_named(group: dict[str, Any]) -> dict[str, Any]:
+    """A parameter group whose ``params`` are ``(name, tensor)`` pairs (torch >= 2.6), as the optimizer stores
+    it: tensors in ``params``, names in ``param_names``; other groups unchanged."""
+    pairs = group["params"]
+    if not any(isinstance(p, tuple) for p in pairs):
+        return group
+    if not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in pairs):
+        raise ValueError("a parameter group's params must be all tensors or all (name, tensor) pairs")
+    return {**group, "params": [p for _, p in pairs], "param_names": [n for n, _ in pairs]}
+
+
 def lr_is_zero(groups: list[dict[str, Any]]) -> bool:
     """What the state initialisation below sets first: a cheap test before looking at frames."""
     lr = groups[0].get("lr") if groups else None

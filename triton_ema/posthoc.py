@@ -94,18 +94,59 @@ def _plan(entries: Sequence[dict[str, Any]], step: int | None, where: str) -> tu
             f"post-hoc reconstruction needs snapshots of at least two distinct profiles (gamma values) up to step "
             f"{step}; {where} has {len(used)} snapshot(s) with gamma in {sorted(gammas)}"
         )
-    first = used[0]
-    for e in used[1:]:
-        if set(e["tensors"]) != set(first["tensors"]):
-            missing = sorted(set(first["tensors"]) ^ set(e["tensors"]))
-            raise ValueError(f"snapshots {first['file']} and {e['file']} hold different tensors: {missing[:5]}")
-        for name, meta in e["tensors"].items():
-            if list(meta["shape"]) != list(first["tensors"][name]["shape"]):
-                raise ValueError(
-                    f"mismatched shapes between snapshots: {name!r} is {list(first['tensors'][name]['shape'])} in "
-                    f"{first['file']} but {list(meta['shape'])} in {e['file']}"
-                )
     return used, step, target_t
+
+
+def _coefficients(used: Sequence[dict[str, Any]], target_t: float, gammas: list[float]) -> dict[str, tuple]:
+    """Per tensor name: ``({entry index: row}, coefficients [rows, targets])``.
+
+    A tensor is reconstructed from the snapshots that hold it: one added mid-run (``add_param_group``) appears
+    only in later snapshots, and its shadow started as a copy of the parameter, as if the parameter had held
+    that value from time 0. The least squares is solved once per distinct set of snapshots (usually one set).
+    """
+    holders: dict[str, list[int]] = {}
+    shapes: dict[str, tuple[list, str]] = {}
+    for i, e in enumerate(used):
+        for name, meta in e["tensors"].items():
+            holders.setdefault(name, []).append(i)
+            if name not in shapes:
+                shapes[name] = (list(meta["shape"]), e["file"])
+            elif list(meta["shape"]) != shapes[name][0]:
+                raise ValueError(
+                    f"mismatched shapes between snapshots: {name!r} is {shapes[name][0]} in {shapes[name][1]} but "
+                    f"{list(meta['shape'])} in {e['file']}"
+                )
+    solved: dict[tuple[int, ...], tuple] = {}
+    out = {}
+    for name, rows in holders.items():
+        key = tuple(rows)
+        if key not in solved:
+            if len({float(used[i]["gamma"]) for i in rows}) < 2:
+                raise ValueError(
+                    f"tensor {name!r} is held by {len(rows)} snapshot(s) of a single profile up to the target step "
+                    f"(from {used[rows[0]]['file']}); its reconstruction needs two distinct profiles"
+                )
+            snaps = [(float(used[i]["t"]), float(used[i]["gamma"])) for i in rows]
+            solved[key] = ({i: j for j, i in enumerate(rows)}, solve_coefficients(snaps, target_t, gammas))
+        out[name] = solved[key]
+    return out
+
+
+def _merged(used: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One index entry's ``tensors`` and ``shards`` over several entries (tensors added mid-run included)."""
+    tensors: dict[str, Any] = {}
+    shards: dict[str, Any] = {}
+    for e in used:
+        tensors.update(e["tensors"])
+        shards.update(e.get("shards") or {})
+    return {"tensors": tensors, "shards": shards}
+
+
+def _accumulated_dtype(stored: str, dtype: torch.dtype) -> torch.dtype:
+    """``dtype``, or its complex counterpart for a complex tensor (its imaginary part is averaged too)."""
+    if not stored.startswith("complex"):
+        return dtype
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Any:
@@ -121,22 +162,26 @@ def _progress(total: int, enabled: bool, desc: str) -> Any:
 def _accumulate(
     directory: str,
     used: Sequence[dict[str, Any]],
-    coeffs: Tensor,
+    coeffs: dict[str, tuple],
     dtype: torch.dtype,
     bar: Any,
 ) -> list[dict[str, Tensor]]:
     from safetensors import safe_open
 
-    names = list(used[0]["tensors"])
-    shapes = {n: tuple(used[0]["tensors"][n]["shape"]) for n in names}
-    outs = [{n: torch.zeros(shapes[n], dtype=dtype) for n in names} for _ in range(coeffs.shape[1])]
+    merged = _merged(used)["tensors"]
+    shapes = {n: tuple(m["shape"]) for n, m in merged.items()}
+    count = next(iter(coeffs.values()))[1].shape[1]
+    outs = [
+        {n: torch.zeros(shapes[n], dtype=_accumulated_dtype(m["dtype"], dtype)) for n, m in merged.items()}
+        for _ in range(count)
+    ]
     for i, entry in enumerate(used):
         path = os.path.join(directory, entry["file"])
         if not os.path.exists(path):
             raise FileNotFoundError(f"the index lists {entry['file']}, which is not in {directory!r}")
         with safe_open(path, framework="pt", device="cpu") as f:
             present = set(f.keys())
-            for n in names:
+            for n in entry["tensors"]:
                 if n not in present:
                     raise ValueError(f"{entry['file']} does not hold tensor {n!r} that its index entry lists")
                 x = f.get_tensor(n)
@@ -145,9 +190,10 @@ def _accumulate(
                         f"mismatched shapes between snapshots: {n!r} is {list(shapes[n])} in the index but "
                         f"{list(x.shape)} in {entry['file']}"
                     )
-                x = x.to(dtype)
+                rows, x_coeffs = coeffs[n]
+                x = x.to(outs[0][n].dtype)
                 for k, out in enumerate(outs):
-                    out[n].add_(x, alpha=float(coeffs[i, k]))
+                    out[n].add_(x, alpha=float(x_coeffs[rows[i], k]))
                 del x
         if bar is not None:
             bar.update(1)
@@ -238,15 +284,14 @@ def _reconstruct(
     per_rank: dict[int, list[dict[str, Tensor]]] = {}
     try:
         for r, (used, _, target_t) in plans.items():
-            coeffs = solve_coefficients([(float(e["t"]), float(e["gamma"])) for e in used], target_t, gammas)
-            per_rank[r] = _accumulate(directory, used, coeffs, dtype, bar)
+            per_rank[r] = _accumulate(directory, used, _coefficients(used, target_t, gammas), dtype, bar)
     finally:
         if bar is not None:
             bar.close()
     if len(per_rank) == 1:
         results = next(iter(per_rank.values()))
     else:
-        results = _assemble(per_rank, {r: p[0][0] for r, p in plans.items()})
+        results = _assemble(per_rank, {r: _merged(p[0]) for r, p in plans.items()})
     used, target_step, target_t = next(iter(plans.values()))
     return results, {"step": target_step, "t": target_t, "snapshots": len(used), "sigmas": sigmas, "gammas": gammas}
 

@@ -166,6 +166,7 @@ class EMAOptimizerWrapper(Optimizer):
         self._dispatch = Dispatcher(backend, ema_device, skip_nonfinite, n_profiles=len(profiles))
         self._tracked = Tracker(self._dispatch, ema_dtype)
         self._tracked.track(self._tracked.all_params(self.param_groups), buffers, self._step)
+        self._snapshots.check_names(self._tracked, self.param_groups)
 
     @property
     def schedule(self) -> Schedule | PowerProfile:
@@ -215,8 +216,11 @@ class EMAOptimizerWrapper(Optimizer):
         group = dict(param_group)
         params = group["params"]
         group["params"] = [params] if isinstance(params, Tensor) else list(params)
-        named = self._tracked.named(group, len(self._tracked.params))
+        # (name, tensor) pairs as torch >= 2.6 takes them: the inner optimizer splits them itself.
+        view = checkpoint.split_named(group)
+        named = self._tracked.named(view, len(self._tracked.params))
         plan = self._tracked.plan(named, [])
+        self._snapshots.check_names(self._tracked, [*self.param_groups, view], plan)
         self.optimizer.add_param_group(group)
         self._tracked.commit(plan, named, [], self._step)
 
