@@ -53,7 +53,9 @@ def edm2_solve(in_t, in_gamma, out_t, out_gamma):  # noqa: ANN001, ANN201
     return np.nan_to_num(x, nan=0, posinf=0, neginf=0)
 
 
-def snapshot_times(n: int, every: int = 2000, sigma_rels: tuple[float, ...] = (0.05, 0.10)) -> list[tuple[float, float]]:
+def snapshot_times(
+    n: int, every: int = 2000, sigma_rels: tuple[float, ...] = (0.05, 0.10)
+) -> list[tuple[float, float]]:
     """``n`` snapshots: ``n / len(sigma_rels)`` times ``every`` apart, each with every profile."""
     from triton_ema.profiles import sigma_rel_to_gamma
 
@@ -62,7 +64,7 @@ def snapshot_times(n: int, every: int = 2000, sigma_rels: tuple[float, ...] = (0
 
 
 def profile_error(
-    snaps: list[tuple[float, float]], x, target_t: float, target_gamma: float, points: int = 20_000  # noqa: ANN001
+    snaps: list[tuple[float, float]], x: object, target_t: float, target_gamma: float, points: int
 ) -> float:
     """``‖Σ x_i p_i − p_target‖₂ / ‖p_target‖₂`` on ``[0, target_t]``, by the midpoint rule on ``points`` points."""
     import torch
@@ -76,7 +78,7 @@ def profile_error(
     return float((got - want).norm() / want.norm())
 
 
-def measure(n: int, rounds: int, target_sigma_rel: float = 0.13, points: int = 20_000) -> dict:
+def measure(n: int, rounds: int, points: int = 20_000, target_sigma_rel: float = 0.13) -> dict:
     """Median seconds of both solves on ``n`` snapshots, their ratio, and each one's profile error."""
     import numpy as np
 
@@ -95,7 +97,7 @@ def measure(n: int, rounds: int, target_sigma_rel: float = 0.13, points: int = 2
 
     contenders = {"triton_ema": ours, "edm2": edm2}
     times: dict[str, list[float]] = {name: [] for name in contenders}
-    for name, fn in contenders.items():
+    for fn in contenders.values():
         fn()  # warm-up: LAPACK's first call, torch's first pow
     order = list(contenders)
     for r in range(rounds):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import posthoc64 as oracle
 import pytest
 import torch
 
-import posthoc64 as oracle
 from triton_ema.profiles import inner_products, profile_inner_product, sigma_rel_to_gamma, solve_coefficients
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,8 +23,10 @@ def test_inner_products_match_the_scalar_form(seed: int) -> None:
     gs = torch.rand(6, dtype=torch.float64) * 20
     ts[3] = ts[2]  # equal times take the t_a >= t_b branch
     got = inner_products(ts[:, None], gs[:, None], ts[None, :], gs[None, :])
-    want = torch.tensor([[profile_inner_product(*a, *b) for b in zip(ts.tolist(), gs.tolist())] for a in zip(
-        ts.tolist(), gs.tolist())], dtype=torch.float64)
+    want = torch.tensor(
+        [[profile_inner_product(*a, *b) for b in zip(ts.tolist(), gs.tolist())] for a in zip(ts.tolist(), gs.tolist())],
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
 
 
@@ -214,8 +216,9 @@ def test_duplicate_names_are_refused_without_a_model(tmp_path: Path) -> None:
     model = _two_linear()
     groups = [{"params": list(m.named_parameters())} for m in model]  # one named group per submodule
     with pytest.raises(ValueError, match=r"names must be unique.*'weight' for parameter 0 \('weight'\), parameter 2"):
-        EMAOptimizerWrapper(torch.optim.SGD(groups, lr=0.1), sigma_rel=(0.05, 0.1), snapshot_every=1,
-                            snapshot_dir=tmp_path)
+        EMAOptimizerWrapper(
+            torch.optim.SGD(groups, lr=0.1), sigma_rel=(0.05, 0.1), snapshot_every=1, snapshot_dir=tmp_path
+        )
 
 
 def test_duplicate_names_are_qualified_from_the_model(tmp_path: Path) -> None:
@@ -286,7 +289,9 @@ def test_complex_parameters_are_reconstructed_as_complex(tmp_path: Path) -> None
     assert state["z"].dtype == torch.complex64 and state["w"].dtype == torch.float32
     files = sorted(tmp_path.glob("ema-*.safetensors"))
     entries = [(int(f.name[5:14]), int(f.name[16])) for f in files]
-    x = solve_coefficients([(s, sigma_rel_to_gamma((0.05, 0.1)[k])) for s, k in entries], 20.0, sigma_rel_to_gamma(0.07))
+    x = solve_coefficients(
+        [(s, sigma_rel_to_gamma((0.05, 0.1)[k])) for s, k in entries], 20.0, sigma_rel_to_gamma(0.07)
+    )
     want = sum(float(c) * load_file(str(f))["z"].to(torch.complex128) for c, f in zip(x, files))
     assert want.imag.abs().max() > 0.1
     torch.testing.assert_close(state["z"], want.to(torch.complex64), atol=1e-4, rtol=1e-4)
@@ -331,9 +336,58 @@ def test_add_param_group_with_a_name_already_taken_is_refused_with_nothing_chang
 
     model = _two_linear()
     opt = EMAOptimizerWrapper(
-        torch.optim.SGD(model[0].named_parameters(), lr=0.1), sigma_rel=(0.05, 0.1), snapshot_every=1,
+        torch.optim.SGD(model[0].named_parameters(), lr=0.1),
+        sigma_rel=(0.05, 0.1),
+        snapshot_every=1,
         snapshot_dir=tmp_path,
     )
     with pytest.raises(ValueError, match=r"names must be unique.*'weight' for parameter 2 \('weight'\)"):
         opt.add_param_group({"params": list(model[1].named_parameters())})
     assert len(opt.param_groups) == 1 and len(opt.ema_params()) == 2
+
+
+# --- loading into the model --------------------------------------------------------------------------------------
+
+
+def _bn_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+
+
+def test_load_into_loads_strictly_keeping_buffers_not_snapshotted(tmp_path: Path) -> None:
+    from triton_ema import posthoc
+
+    model = _bn_model()
+    _run(tmp_path, steps=20, model=model)  # parameters only: BatchNorm's statistics are not tracked
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.warns(UserWarning, match=r"no EMA of the buffers \['1.running_mean', '1.running_var'\]"):
+        state = posthoc.load_into(torch.compile(model), tmp_path, 0.07)
+    assert set(state) == {n for n, _ in model.named_parameters()}
+    for n, t in model.state_dict().items():
+        assert torch.equal(t, state[n] if n in state else before[n]), n
+
+
+def test_load_into_with_tracked_buffers_warns_about_nothing(tmp_path: Path, recwarn) -> None:
+    from triton_ema import posthoc
+
+    model = _bn_model()
+    _run(tmp_path, steps=20, model=model, buffers=model.buffers(), model_kw=True)
+    posthoc.load_into(model, tmp_path, 0.07)
+    assert not [w for w in recwarn if "no EMA" in str(w.message)]
+
+
+def test_load_into_refuses_keys_that_do_not_match(tmp_path: Path) -> None:
+    from triton_ema import posthoc
+
+    model = _two_linear()
+    _run(tmp_path / "positional", steps=20, model=model, params=list(model.parameters()))
+    _run(tmp_path / "part", steps=20, model=model, params=list(model[0].named_parameters(prefix="0")))
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"holds tensors the model does not have: \['param.0', 'param.1'"):
+        posthoc.load_into(model, tmp_path / "positional", 0.07)
+    with pytest.raises(ValueError, match=r"lacks the model's parameters \['1.weight', '1.bias'\]"):
+        posthoc.load_into(model, tmp_path / "part", 0.07)
+    other = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
+    with pytest.raises(ValueError, match=r"disagree on shapes: \['0.weight: \[4, 3\] vs \[5, 3\]'"):
+        posthoc.load_into(other, tmp_path / "part", 0.07)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())

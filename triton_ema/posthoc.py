@@ -22,7 +22,7 @@ tensors from the shard placements recorded in the index; without placements it r
 Example:
     >>> from triton_ema import posthoc                                   # doctest: +SKIP
     >>> state = posthoc.reconstruct("runs/ema", sigma_rel=0.15)         # doctest: +SKIP
-    >>> model.load_state_dict(state, strict=False)                       # doctest: +SKIP
+    >>> posthoc.load_into(model, "runs/ema", sigma_rel=0.15)             # doctest: +SKIP
 
 Command line (one file per σ_rel, one pass over the snapshots, with a progress bar)::
 
@@ -350,9 +350,9 @@ def reconstruct(
 ) -> dict[str, Tensor]:
     """The EMA of relative width ``sigma_rel`` at ``step`` (default: the last snapshot), as ``{name: tensor}``.
 
-    Keys are the names the snapshots were saved under (the parameter names when the wrapper knew them), so the
-    result loads with ``model.load_state_dict(state, strict=False)``. With ``out=`` the result is also written to
-    that safetensors file. See :func:`reconstruct_many` for the other arguments and the errors.
+    Keys are the names the snapshots were saved under (the model's ``state_dict()`` keys when the wrapper knew the
+    names); :func:`load_into` loads the result into a model and checks the keys. With ``out=`` the result is also
+    written to that safetensors file. See :func:`reconstruct_many` for the other arguments and the errors.
     """
     (result,), info = _reconstruct(directory, [sigma_rel], step, rank, progress, dtype)
     if out is not None:
@@ -360,6 +360,56 @@ def reconstruct(
         meta.update({k: info[k] for k in ("step", "t", "snapshots")})
         _save(os.fspath(out), result, meta)
     return result
+
+
+def load_into(
+    model: torch.nn.Module,
+    directory: str | os.PathLike,
+    sigma_rel: float,
+    step: int | None = None,
+    *,
+    rank: int | None = None,
+) -> dict[str, Tensor]:
+    """Reconstruct the EMA of width ``sigma_rel`` and load it into ``model`` strictly; returns the reconstruction.
+
+    Every reconstructed tensor must be one of the model's ``state_dict()`` keys with the same shape, and every
+    parameter of the model must be reconstructed: otherwise ``ValueError`` names the keys and the model is left
+    unchanged. Buffers the snapshots do not hold keep the model's values: integer ones (BatchNorm's
+    ``num_batches_tracked``) are never averaged, floating ones were not tracked (``buffers=``), which is warned
+    about. A model wrapped by torch.compile or DDP is loaded through the module inside.
+
+    Example:
+        >>> posthoc.load_into(model, "runs/ema", sigma_rel=0.15)  # doctest: +SKIP
+    """
+    state = reconstruct(directory, sigma_rel, step=step, rank=rank)
+    plain = model
+    while isinstance(getattr(plain, "_orig_mod", None), torch.nn.Module) or (
+        type(plain).__name__ in ("DistributedDataParallel", "DataParallel")
+    ):
+        plain = getattr(plain, "_orig_mod", None) or plain.module
+    own = plain.state_dict()
+    where = os.fspath(directory)
+    unexpected = [n for n in state if n not in own]
+    if unexpected:
+        raise ValueError(
+            f"the reconstruction from {where!r} holds tensors the model does not have: {unexpected[:10]}"
+            f"{' ...' if len(unexpected) > 10 else ''} (snapshots of another model, or named by position: give the "
+            "wrapper model= or the optimizer model.named_parameters())"
+        )
+    shapes = [f"{n}: {list(t.shape)} vs {list(own[n].shape)}" for n, t in state.items() if t.shape != own[n].shape]
+    if shapes:
+        raise ValueError(f"the reconstruction from {where!r} and the model disagree on shapes: {shapes[:10]}")
+    params = {n for n, _ in plain.named_parameters(remove_duplicate=False)}
+    missing = [n for n in own if n not in state and n in params]
+    if missing:
+        raise ValueError(f"the reconstruction from {where!r} lacks the model's parameters {missing[:10]}")
+    kept = [n for n in own if n not in state and own[n].is_floating_point()]
+    if kept:
+        warnings.warn(
+            f"the snapshots hold no EMA of the buffers {kept[:10]}: they keep the model's values", stacklevel=2
+        )
+    plain.load_state_dict({**own, **state}, strict=True)
+    return state
 
 
 def _parse_sigmas(text: str) -> list[float]:

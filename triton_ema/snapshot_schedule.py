@@ -46,9 +46,10 @@ class SnapshotConfig:
                     "snapshots are for post-hoc reconstruction, which needs power-function profiles: pass sigma_rel=..."
                 )
             if sigma_rels and (len(sigma_rels) < 2 or len(set(sigma_rels)) != len(sigma_rels)):
+                given = sigma_rels if len(sigma_rels) > 1 else sigma_rels[0]
                 raise ValueError(
-                    f"snapshots are for post-hoc reconstruction, which needs at least two distinct sigma_rel values "
-                    f"(two profiles of different widths); got sigma_rel={sigma_rels if len(sigma_rels) > 1 else sigma_rels[0]}"
+                    "snapshots are for post-hoc reconstruction, which needs at least two distinct sigma_rel values "
+                    f"(two profiles of different widths); got sigma_rel={given}"
                 )
         if self.dtype is not None and (not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point):
             raise ValueError(f"snapshot_dtype must be a floating torch.dtype or None, got {self.dtype!r}")
@@ -161,7 +162,8 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     while True:
         inner = getattr(model, "_orig_mod", None)
         if not isinstance(inner, torch.nn.Module) and type(model).__name__ in (
-            "DistributedDataParallel", "DataParallel"
+            "DistributedDataParallel",
+            "DataParallel",
         ):
             inner = getattr(model, "module", None)
         if not isinstance(inner, torch.nn.Module):

@@ -87,8 +87,9 @@ class EMAOptimizerWrapper(Optimizer):
             :func:`triton_ema.posthoc.reconstruct` to build the EMA of any width
             after training. ``snapshot_dtype`` defaults to the shadows' dtype.
         model: names snapshot tensors after ``model.named_parameters()`` and
-            ``named_buffers()`` when the inner optimizer was not built from
-            ``named_parameters()`` (whose names are used otherwise).
+            ``named_buffers()`` (of the module inside torch.compile or DDP) where
+            the inner optimizer's ``param_names`` are missing or shared by several
+            tensors; unique ``param_names`` win. Names still shared are refused.
 
     .. note::
         A bf16 or fp16 parameter gets an fp32 shadow by default: with
@@ -137,10 +138,9 @@ class EMAOptimizerWrapper(Optimizer):
         profiles = _profiles(
             decay, sigma_rel, warmup, warmup_gamma, warmup_power, min_decay, update_after_step, update_every
         )
-        snapshots = SnapshotConfig(
-            snapshot_every, snapshot_dir, snapshot_dtype, model, isinstance(profiles.members[0], PowerProfile),
-            tuple(getattr(m, "sigma_rel", None) for m in profiles.members),
-        )
+        power = isinstance(profiles.members[0], PowerProfile)
+        sigmas = tuple(getattr(m, "sigma_rel", None) for m in profiles.members)
+        snapshots = SnapshotConfig(snapshot_every, snapshot_dir, snapshot_dtype, model, power, sigmas)
         if backend not in BACKENDS:
             raise ValueError(f"Unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
         if ema_dtype is not None and (not isinstance(ema_dtype, torch.dtype) or not ema_dtype.is_floating_point):
