@@ -10,7 +10,7 @@ import posthoc64 as oracle
 import pytest
 import torch
 
-from triton_ema.profiles import inner_products, profile_inner_product, sigma_rel_to_gamma, solve_coefficients
+from triton_ema.profiles import profile_inner_product, sigma_rel_to_gamma, solve_coefficients
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_inner_products_match_the_scalar_form(seed: int) -> None:
+    from triton_ema.profiles import inner_products
+
     ts = torch.rand(6, dtype=torch.float64) * 1000 + 1
     gs = torch.rand(6, dtype=torch.float64) * 20
     ts[3] = ts[2]  # equal times take the t_a >= t_b branch
