@@ -299,6 +299,20 @@ def test_complex_parameters_are_reconstructed_as_complex(tmp_path: Path) -> None
     torch.testing.assert_close(state["z"], want.to(torch.complex64), atol=1e-4, rtol=1e-4)
 
 
+def test_complex_parameters_with_a_real_snapshot_dtype_are_refused(tmp_path: Path) -> None:
+    from triton_ema import EMAOptimizerWrapper
+
+    z = torch.nn.Parameter(torch.randn(5, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"only the real part of the complex tensors \['z'\]"):
+        EMAOptimizerWrapper(
+            torch.optim.SGD([("z", z)], lr=0.1),
+            sigma_rel=(0.05, 0.1),
+            snapshot_every=5,
+            snapshot_dir=tmp_path,
+            snapshot_dtype=torch.bfloat16,
+        )
+
+
 def test_named_add_param_group_mid_run_reconstructs_from_the_snapshots_that_hold_it(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 

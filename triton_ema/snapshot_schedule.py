@@ -1,9 +1,10 @@
 """When the wrapper takes a snapshot and what its tensors are called; :mod:`triton_ema.snapshot` writes it.
 
 Every ``snapshot_every`` updates, each profile's EMA is handed to the
-:class:`~triton_ema.snapshot.SnapshotWriter`, keyed by parameter name (from the
-inner optimizer's ``param_names``, else the ``model=`` given to the wrapper,
-else the position). Under torch.distributed with replicated parameters (DDP)
+:class:`~triton_ema.snapshot.SnapshotWriter`, keyed by the plain model's
+``state_dict()`` key (the inner optimizer's unique ``param_names``, else the
+``model=`` given to the wrapper, else the position; see
+:meth:`SnapshotSchedule.names`). Under torch.distributed with replicated parameters (DDP)
 only rank 0 writes; with DTensor parameters (FSDP2) every rank writes its shard.
 """
 
@@ -131,10 +132,17 @@ class SnapshotSchedule:
         if self.config.every is None:
             return
         if plan is None:
-            self.names(tracked, param_groups)
-            return
-        kept = {i: n for n, (i, _) in self.names(tracked, param_groups[:-1]).items()}
-        _names(_pending(tracked, plan, list(param_groups[-1]["params"])), param_groups, self.config.model, kept)
+            named = self.names(tracked, param_groups)
+        else:
+            kept = {i: n for n, (i, _) in self.names(tracked, param_groups[:-1]).items()}
+            pending = _pending(tracked, plan, list(param_groups[-1]["params"]))
+            named = _names(pending, param_groups, self.config.model, kept)
+        complex_names = [n for n, (_, t) in named.items() if t.is_complex()]
+        if complex_names and self.config.dtype is not None:
+            raise ValueError(
+                f"snapshot_dtype={self.config.dtype} would store only the real part of the complex tensors "
+                f"{complex_names[:5]}: leave snapshot_dtype unset to keep each tensor's own dtype"
+            )
 
     def flush(self) -> None:
         """Return once every snapshot taken so far is on disk; raises if writing one failed."""
