@@ -407,3 +407,22 @@ def test_load_into_refuses_keys_that_do_not_match(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"disagree on shapes: \['0.weight: \[4, 3\] vs \[5, 3\]'"):
         posthoc.load_into(other, tmp_path / "part", 0.07)
     assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+def test_ddp_model_names_are_the_plain_models(tmp_path: Path) -> None:
+    """A real DistributedDataParallel (one gloo rank): its ``module.`` names, and the wrapper given model=ddp."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = _two_linear()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        assert next(iter(ddp.named_parameters()))[0].startswith("module.")
+        _run(tmp_path / "named", steps=10, model=ddp, params=list(ddp.named_parameters()))
+        assert _names_in(tmp_path / "named") == set(model.state_dict())
+        _run(tmp_path / "model", steps=10, model=ddp, params=list(ddp.parameters()), model_kw=True)
+        assert _names_in(tmp_path / "model") == set(model.state_dict())
+    finally:
+        dist.destroy_process_group()
