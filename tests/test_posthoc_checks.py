@@ -360,6 +360,20 @@ def test_add_param_group_with_a_name_already_taken_is_refused_with_nothing_chang
     with pytest.raises(ValueError, match=r"names must be unique.*'weight' for parameter 2 \('weight'\)"):
         opt.add_param_group({"params": list(model[1].named_parameters())})
     assert len(opt.param_groups) == 1 and len(opt.ema_params()) == 2
+    # even with model=: the first 'weight' is snapshotted under that name, and renaming it would split its history
+    opt = EMAOptimizerWrapper(
+        torch.optim.SGD(model[0].named_parameters(), lr=0.1),
+        sigma_rel=(0.05, 0.1),
+        snapshot_every=1,
+        snapshot_dir=tmp_path / "with-model",
+        model=model,
+    )
+    with pytest.raises(ValueError, match=r"names must be unique.*'weight' for parameter 2"):
+        opt.add_param_group({"params": list(model[1].named_parameters())})
+    opt.add_param_group({"params": list(model[1].named_parameters(prefix="1"))})
+    opt.step()
+    opt.flush()
+    assert _names_in(tmp_path / "with-model") == {"weight", "bias", "1.weight", "1.bias"}
 
 
 # --- loading into the model --------------------------------------------------------------------------------------

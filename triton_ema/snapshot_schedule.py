@@ -208,9 +208,11 @@ def _names(
         chosen.append((t, i, given.get(id(t)) or from_model.get(id(t)) or fallback))
     counts = Counter(n for _, _, n in chosen)
     shared: dict[str, list[str]] = {}
+    taken = set(out)
     for t, i, n in chosen:
-        if counts[n] > 1 or n in out:
-            # A name several tensors share: the model's name tells them apart.
+        if counts[n] > 1 and n not in taken:
+            # A name several new tensors share: the model's name tells them apart. (One that earlier snapshots
+            # already use is refused instead: renaming that tensor mid-run would split its history.)
             n = from_model.get(id(t), n)
         if n in out or counts[n] > 1:
             shared.setdefault(n, []).append(tracked.entries[i].name)
