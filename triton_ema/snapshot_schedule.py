@@ -118,7 +118,8 @@ class SnapshotSchedule:
         taken out; a name that several tensors share (one named group per submodule gives ``weight`` twice) is
         replaced by the tensor's name in ``model=`` (unwrapped the same way); tensors that neither names get
         their position (``param.{j}``, ``buffer.{j}``). Names still shared are refused (``ValueError``, naming
-        them), at construction and by ``add_param_group``.
+        them), at construction and by ``add_param_group``, which also refuses a name earlier snapshots use: a
+        tensor keeps its name for the whole run.
         """
         key = (len(tracked.params), len(tracked.buffers), len(tracked.entries), tuple(map(id, param_groups)))
         if self._names is None or self._names[0] != key:
