@@ -315,7 +315,7 @@ def test_reconstruction_through_the_wrapper_matches_a_tracked_profile(seed, tmp_
 
 def test_state_dict_flushes_snapshots(tmp_path, monkeypatch):
     p = nn.Parameter(torch.zeros(3))
-    opt = EMAOptimizerWrapper(torch.optim.SGD([p], lr=0.1), sigma_rel=0.1, snapshot_every=1, snapshot_dir=tmp_path)
+    opt = EMAOptimizerWrapper(torch.optim.SGD([p], lr=0.1), sigma_rel=(0.05, 0.1), snapshot_every=1, snapshot_dir=tmp_path)
     flushed = []
     opt.update_ema()
     monkeypatch.setattr(opt._snapshots.writer, "flush", lambda: flushed.append(True))
@@ -375,20 +375,20 @@ def test_snapshot_names_come_from_the_model_or_positions(tmp_path):
     model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
     named = EMAOptimizerWrapper(
         torch.optim.SGD(model.parameters(), lr=0.1),
-        sigma_rel=0.1,
+        sigma_rel=(0.05, 0.1),
         snapshot_every=1,
         snapshot_dir=tmp_path / "named",
         model=model,
         buffers=model.buffers(),
     )
     anonymous = EMAOptimizerWrapper(
-        torch.optim.SGD(model.parameters(), lr=0.1), sigma_rel=0.1, snapshot_every=1, snapshot_dir=tmp_path / "anon"
+        torch.optim.SGD(model.parameters(), lr=0.1), sigma_rel=(0.05, 0.1), snapshot_every=1, snapshot_dir=tmp_path / "anon"
     )
     for opt in (named, anonymous):
         opt.update_ema()
         opt.flush()
-    (entry,) = json.loads((tmp_path / "named" / "index-r0.json").read_text())["entries"]
+    entry = json.loads((tmp_path / "named" / "index-r0.json").read_text())["entries"][0]
     floating = {n for n, b in model.named_buffers() if b.is_floating_point()}
     assert set(entry["tensors"]) == {n for n, _ in model.named_parameters()} | floating
-    (entry,) = json.loads((tmp_path / "anon" / "index-r0.json").read_text())["entries"]
+    entry = json.loads((tmp_path / "anon" / "index-r0.json").read_text())["entries"][0]
     assert set(entry["tensors"]) == {f"param.{j}" for j in range(4)}

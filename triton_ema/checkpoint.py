@@ -216,6 +216,13 @@ def parse(opt: Any, state_dict: Any) -> tuple[dict, dict, list[list[Tensor]], li
             raise ValueError("its 'schedule' and first profile differ")
     except (TypeError, ValueError) as e:
         raise ValueError(f"EMA schedule in the state dict is invalid: {e}") from e
+    kinds = [type(ps.members[0]).__name__ for ps in (profiles, opt.profiles)]
+    if kinds[0] != kinds[1]:
+        what = {"Schedule": "decay=", "PowerProfile": "sigma_rel="}
+        raise ValueError(
+            f"the state dict's EMA profiles are {what[kinds[0]]} profiles, this wrapper tracks {what[kinds[1]]} "
+            "profiles: a checkpoint loads only into a wrapper of the same kind"
+        )
     if len(profiles) != len(opt.profiles):
         raise ValueError(f"state dict has {len(profiles)} EMA profiles, this wrapper tracks {len(opt.profiles)}")
     for k, per_profile in enumerate(shadows):
@@ -360,6 +367,17 @@ def refuse_flattened_dcp() -> None:
         ):
             raise ValueError(FLATTENED_DCP)
         frame = frame.f_back
+
+
+def split_named(group: dict[str, Any]) -> dict[str, Any]:
+    """A parameter group whose ``params`` are ``(name, tensor)`` pairs (torch >= 2.6), as the optimizer stores
+    it: tensors in ``params``, names in ``param_names``; other groups unchanged."""
+    pairs = group["params"]
+    if not any(isinstance(p, tuple) for p in pairs):
+        return group
+    if not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in pairs):
+        raise ValueError("a parameter group's params must be all tensors or all (name, tensor) pairs")
+    return {**group, "params": [p for _, p in pairs], "param_names": [n for n, _ in pairs]}
 
 
 def lr_is_zero(groups: list[dict[str, Any]]) -> bool:

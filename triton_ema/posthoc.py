@@ -10,8 +10,9 @@ A run that tracked at least two power-function profiles and saved their snapshot
 3. the EMA is ``Σ x_i θ_i``, accumulated in fp32 one snapshot file at a time, so peak memory is about one model
    per requested ``σ_rel`` plus one tensor being read.
 
-The target time defaults to the last snapshot's; ``step=`` picks an earlier one, and then only the snapshots taken
-up to it are used (later ones hold weights from after it).
+The target time defaults to the last snapshot's; ``step=`` picks an earlier snapshot step (any other step is
+refused, naming the nearest snapshot steps), and then only the snapshots taken up to it are used (later ones hold
+weights from after it).
 
 **Ranks.** Each rank's index is reconstructed from its own files (reconstruction is elementwise linear, so a shard
 reconstructs on its own). ``rank=r`` returns rank ``r``'s tensors as stored (its local shards). ``rank=None``
@@ -21,7 +22,7 @@ tensors from the shard placements recorded in the index; without placements it r
 Example:
     >>> from triton_ema import posthoc                                   # doctest: +SKIP
     >>> state = posthoc.reconstruct("runs/ema", sigma_rel=0.15)         # doctest: +SKIP
-    >>> model.load_state_dict(state, strict=False)                       # doctest: +SKIP
+    >>> posthoc.load_into(model, "runs/ema", sigma_rel=0.15)             # doctest: +SKIP
 
 Command line (one file per σ_rel, one pass over the snapshots, with a progress bar)::
 
@@ -53,12 +54,6 @@ def _load(directory: str) -> dict[int, list[dict[str, Any]]]:
     return indexes
 
 
-def _offset(entries: Sequence[dict[str, Any]]) -> float | None:
-    """``step − t`` (update_after_step) if it is the same for every entry, else None."""
-    offsets = {float(e["step"]) - float(e["t"]) for e in entries}
-    return offsets.pop() if len(offsets) == 1 else None
-
-
 def _plan(entries: Sequence[dict[str, Any]], step: int | None, where: str) -> tuple[list[dict[str, Any]], int, float]:
     """The entries used, the target step and the target time."""
     if not entries:
@@ -75,13 +70,19 @@ def _plan(entries: Sequence[dict[str, Any]], step: int | None, where: str) -> tu
                 "a reconstruction can only target times the snapshots cover."
             )
         at_step = [e for e in entries if e["step"] == step]
-        if at_step:
-            target_t = float(at_step[0]["t"])
-        else:
-            offset = _offset(entries)
-            if offset is None:
-                raise ValueError(f"step {step} is not a snapshot step, and the snapshots' step − t is not constant")
-            target_t = step - offset
+        if not at_step:
+            # Between snapshots the weights after the last one before it are unknown: never label a
+            # reconstruction with a step it does not represent.
+            steps = sorted({int(e["step"]) for e in entries})
+            before = [s for s in steps if s < step][-1:]
+            after = [s for s in steps if s > step][:1]
+            nearest = " and ".join(f"{s}" for s in before + after)
+            raise ValueError(
+                f"Invalid step value: {step}. It is not a snapshot step in {where}; a reconstruction targets the "
+                f"step of a snapshot: the nearest are {nearest} (of {len(steps)} snapshot steps, {steps[0]} to "
+                f"{steps[-1]})"
+            )
+        target_t = float(at_step[0]["t"])
     if not target_t > 0:
         raise ValueError(f"the target step {step} has time t = {target_t} <= 0 (before update_after_step)")
     # Later snapshots hold weights from after the target. (At a snapshot time they would get zero weight anyway:
@@ -93,18 +94,59 @@ def _plan(entries: Sequence[dict[str, Any]], step: int | None, where: str) -> tu
             f"post-hoc reconstruction needs snapshots of at least two distinct profiles (gamma values) up to step "
             f"{step}; {where} has {len(used)} snapshot(s) with gamma in {sorted(gammas)}"
         )
-    first = used[0]
-    for e in used[1:]:
-        if set(e["tensors"]) != set(first["tensors"]):
-            missing = sorted(set(first["tensors"]) ^ set(e["tensors"]))
-            raise ValueError(f"snapshots {first['file']} and {e['file']} hold different tensors: {missing[:5]}")
-        for name, meta in e["tensors"].items():
-            if list(meta["shape"]) != list(first["tensors"][name]["shape"]):
-                raise ValueError(
-                    f"mismatched shapes between snapshots: {name!r} is {list(first['tensors'][name]['shape'])} in "
-                    f"{first['file']} but {list(meta['shape'])} in {e['file']}"
-                )
     return used, step, target_t
+
+
+def _coefficients(used: Sequence[dict[str, Any]], target_t: float, gammas: list[float]) -> dict[str, tuple]:
+    """Per tensor name: ``({entry index: row}, coefficients [rows, targets])``.
+
+    A tensor is reconstructed from the snapshots that hold it: one added mid-run (``add_param_group``) appears
+    only in later snapshots, and its shadow started as a copy of the parameter, as if the parameter had held
+    that value from time 0. The least squares is solved once per distinct set of snapshots (usually one set).
+    """
+    holders: dict[str, list[int]] = {}
+    shapes: dict[str, tuple[list, str]] = {}
+    for i, e in enumerate(used):
+        for name, meta in e["tensors"].items():
+            holders.setdefault(name, []).append(i)
+            if name not in shapes:
+                shapes[name] = (list(meta["shape"]), e["file"])
+            elif list(meta["shape"]) != shapes[name][0]:
+                raise ValueError(
+                    f"mismatched shapes between snapshots: {name!r} is {shapes[name][0]} in {shapes[name][1]} but "
+                    f"{list(meta['shape'])} in {e['file']}"
+                )
+    solved: dict[tuple[int, ...], tuple] = {}
+    out = {}
+    for name, rows in holders.items():
+        key = tuple(rows)
+        if key not in solved:
+            if len({float(used[i]["gamma"]) for i in rows}) < 2:
+                raise ValueError(
+                    f"tensor {name!r} is held by {len(rows)} snapshot(s) of a single profile up to the target step "
+                    f"(from {used[rows[0]]['file']}); its reconstruction needs two distinct profiles"
+                )
+            snaps = [(float(used[i]["t"]), float(used[i]["gamma"])) for i in rows]
+            solved[key] = ({i: j for j, i in enumerate(rows)}, solve_coefficients(snaps, target_t, gammas))
+        out[name] = solved[key]
+    return out
+
+
+def _merged(used: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One index entry's ``tensors`` and ``shards`` over several entries (tensors added mid-run included)."""
+    tensors: dict[str, Any] = {}
+    shards: dict[str, Any] = {}
+    for e in used:
+        tensors.update(e["tensors"])
+        shards.update(e.get("shards") or {})
+    return {"tensors": tensors, "shards": shards}
+
+
+def _accumulated_dtype(stored: str, dtype: torch.dtype) -> torch.dtype:
+    """``dtype``, or its complex counterpart for a complex tensor (its imaginary part is averaged too)."""
+    if not stored.startswith("complex"):
+        return dtype
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Any:
@@ -120,22 +162,26 @@ def _progress(total: int, enabled: bool, desc: str) -> Any:
 def _accumulate(
     directory: str,
     used: Sequence[dict[str, Any]],
-    coeffs: Tensor,
+    coeffs: dict[str, tuple],
     dtype: torch.dtype,
     bar: Any,
 ) -> list[dict[str, Tensor]]:
     from safetensors import safe_open
 
-    names = list(used[0]["tensors"])
-    shapes = {n: tuple(used[0]["tensors"][n]["shape"]) for n in names}
-    outs = [{n: torch.zeros(shapes[n], dtype=dtype) for n in names} for _ in range(coeffs.shape[1])]
+    merged = _merged(used)["tensors"]
+    shapes = {n: tuple(m["shape"]) for n, m in merged.items()}
+    count = next(iter(coeffs.values()))[1].shape[1]
+    outs = [
+        {n: torch.zeros(shapes[n], dtype=_accumulated_dtype(m["dtype"], dtype)) for n, m in merged.items()}
+        for _ in range(count)
+    ]
     for i, entry in enumerate(used):
         path = os.path.join(directory, entry["file"])
         if not os.path.exists(path):
             raise FileNotFoundError(f"the index lists {entry['file']}, which is not in {directory!r}")
         with safe_open(path, framework="pt", device="cpu") as f:
             present = set(f.keys())
-            for n in names:
+            for n in entry["tensors"]:
                 if n not in present:
                     raise ValueError(f"{entry['file']} does not hold tensor {n!r} that its index entry lists")
                 x = f.get_tensor(n)
@@ -144,9 +190,10 @@ def _accumulate(
                         f"mismatched shapes between snapshots: {n!r} is {list(shapes[n])} in the index but "
                         f"{list(x.shape)} in {entry['file']}"
                     )
-                x = x.to(dtype)
+                rows, x_coeffs = coeffs[n]
+                x = x.to(outs[0][n].dtype)
                 for k, out in enumerate(outs):
-                    out[n].add_(x, alpha=float(coeffs[i, k]))
+                    out[n].add_(x, alpha=float(x_coeffs[rows[i], k]))
                 del x
         if bar is not None:
             bar.update(1)
@@ -237,15 +284,14 @@ def _reconstruct(
     per_rank: dict[int, list[dict[str, Tensor]]] = {}
     try:
         for r, (used, _, target_t) in plans.items():
-            coeffs = solve_coefficients([(float(e["t"]), float(e["gamma"])) for e in used], target_t, gammas)
-            per_rank[r] = _accumulate(directory, used, coeffs, dtype, bar)
+            per_rank[r] = _accumulate(directory, used, _coefficients(used, target_t, gammas), dtype, bar)
     finally:
         if bar is not None:
             bar.close()
     if len(per_rank) == 1:
         results = next(iter(per_rank.values()))
     else:
-        results = _assemble(per_rank, {r: p[0][0] for r, p in plans.items()})
+        results = _assemble(per_rank, {r: _merged(p[0]) for r, p in plans.items()})
     used, target_step, target_t = next(iter(plans.values()))
     return results, {"step": target_step, "t": target_t, "snapshots": len(used), "sigmas": sigmas, "gammas": gammas}
 
@@ -275,7 +321,8 @@ def reconstruct_many(
     Args:
         directory: a snapshot directory written by :class:`triton_ema.snapshot.SnapshotWriter`.
         sigma_rels: the relative widths wanted, each in ``(0, 12**-0.5)``.
-        step: the target step (default: the last snapshot's); must not be after the last snapshot.
+        step: the target step (default: the last snapshot's, whatever order the index lists them in); it must be
+            a snapshot step (any other is refused, naming the nearest ones).
         rank: which rank's tensors (see the module docstring); ``None``: the only rank, or all ranks assembled.
         out_dir: if given, also write one safetensors file per σ_rel there, named by :func:`output_name`.
         progress: show a tqdm progress bar over the files (if tqdm is installed).
@@ -303,9 +350,9 @@ def reconstruct(
 ) -> dict[str, Tensor]:
     """The EMA of relative width ``sigma_rel`` at ``step`` (default: the last snapshot), as ``{name: tensor}``.
 
-    Keys are the names the snapshots were saved under (the parameter names when the wrapper knew them), so the
-    result loads with ``model.load_state_dict(state, strict=False)``. With ``out=`` the result is also written to
-    that safetensors file. See :func:`reconstruct_many` for the other arguments and the errors.
+    Keys are the names the snapshots were saved under (the model's ``state_dict()`` keys when the wrapper knew the
+    names); :func:`load_into` loads the result into a model and checks the keys. With ``out=`` the result is also
+    written to that safetensors file. See :func:`reconstruct_many` for the other arguments and the errors.
     """
     (result,), info = _reconstruct(directory, [sigma_rel], step, rank, progress, dtype)
     if out is not None:
@@ -313,6 +360,56 @@ def reconstruct(
         meta.update({k: info[k] for k in ("step", "t", "snapshots")})
         _save(os.fspath(out), result, meta)
     return result
+
+
+def load_into(
+    model: torch.nn.Module,
+    directory: str | os.PathLike,
+    sigma_rel: float,
+    step: int | None = None,
+    *,
+    rank: int | None = None,
+) -> dict[str, Tensor]:
+    """Reconstruct the EMA of width ``sigma_rel`` and load it into ``model`` strictly; returns the reconstruction.
+
+    Every reconstructed tensor must be one of the model's ``state_dict()`` keys with the same shape, and every
+    parameter of the model must be reconstructed: otherwise ``ValueError`` names the keys and the model is left
+    unchanged. Buffers the snapshots do not hold keep the model's values: integer ones (BatchNorm's
+    ``num_batches_tracked``) are never averaged, floating ones were not tracked (``buffers=``), which is warned
+    about. A model wrapped by torch.compile or DDP is loaded through the module inside.
+
+    Example:
+        >>> posthoc.load_into(model, "runs/ema", sigma_rel=0.15)  # doctest: +SKIP
+    """
+    state = reconstruct(directory, sigma_rel, step=step, rank=rank)
+    plain = model
+    while isinstance(getattr(plain, "_orig_mod", None), torch.nn.Module) or (
+        type(plain).__name__ in ("DistributedDataParallel", "DataParallel")
+    ):
+        plain = getattr(plain, "_orig_mod", None) or plain.module
+    own = plain.state_dict()
+    where = os.fspath(directory)
+    unexpected = [n for n in state if n not in own]
+    if unexpected:
+        raise ValueError(
+            f"the reconstruction from {where!r} holds tensors the model does not have: {unexpected[:10]}"
+            f"{' ...' if len(unexpected) > 10 else ''} (snapshots of another model, or named by position: give the "
+            "wrapper model= or the optimizer model.named_parameters())"
+        )
+    shapes = [f"{n}: {list(t.shape)} vs {list(own[n].shape)}" for n, t in state.items() if t.shape != own[n].shape]
+    if shapes:
+        raise ValueError(f"the reconstruction from {where!r} and the model disagree on shapes: {shapes[:10]}")
+    params = {n for n, _ in plain.named_parameters(remove_duplicate=False)}
+    missing = [n for n in own if n not in state and n in params]
+    if missing:
+        raise ValueError(f"the reconstruction from {where!r} lacks the model's parameters {missing[:10]}")
+    kept = [n for n in own if n not in state and own[n].is_floating_point()]
+    if kept:
+        warnings.warn(
+            f"the snapshots hold no EMA of the buffers {kept[:10]}: they keep the model's values", stacklevel=2
+        )
+    plain.load_state_dict({**own, **state}, strict=True)
+    return state
 
 
 def _parse_sigmas(text: str) -> list[float]:

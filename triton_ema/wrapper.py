@@ -63,8 +63,7 @@ class EMAOptimizerWrapper(EMAExport, Optimizer):
         update_every: update on every ``update_every``-th step only.
         ema_dtype: the shadows' dtype is ``torch.promote_types(param.dtype, ema_dtype)``;
             ``None`` keeps the parameter's dtype.
-        backend: ``"auto"`` (Triton for CUDA tensors, torch ops otherwise),
-            ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (Triton for CUDA tensors, torch ops otherwise), ``"triton"`` or ``"torch"``.
         buffers: module buffers to track too (BatchNorm statistics): floating ones
             are averaged like parameters, the others copied on each update; all are
             swapped by :meth:`ema_weights`. Default: ``model.buffers()`` when
@@ -73,11 +72,9 @@ class EMAOptimizerWrapper(EMAExport, Optimizer):
             memory, updated by a worker thread after an asynchronous copy, so the
             training stream never waits for the EMA (not for CUDA graphs).
             Default: the parameter's device.
-        skip_nonfinite: leave every averaged shadow of a device bit-exactly alone
-            (integer buffers are still copied) for an update whose parameters hold NaN or inf, and count it in
-            :attr:`skipped_updates` (decided on the device). Default: off, a
-            non-finite parameter propagates into its shadow, as in other EMA
-            libraries.
+        skip_nonfinite: leave every averaged shadow of a device bit-exactly alone (integer buffers are still
+            copied) for an update whose parameters hold NaN or inf, and count it in :attr:`skipped_updates`
+            (decided on the device). Default: off, a NaN or inf propagates, as in other EMA libraries.
         sigma_rel: instead of ``decay``/``warmup``: one or more EDM2
             power-function profiles of these relative widths (``0 < sigma_rel <
             12 ** -0.5``), the time being the step count.
@@ -86,9 +83,9 @@ class EMAOptimizerWrapper(EMAExport, Optimizer):
             safetensors (asynchronously; :meth:`flush` waits), for
             :func:`triton_ema.posthoc.reconstruct` to build the EMA of any width
             after training. ``snapshot_dtype`` defaults to the shadows' dtype.
-        model: the model trained: its buffers are tracked, :meth:`ema_state_dict` is keyed like
-            its ``state_dict()``, snapshot tensors are named after it (unless the
-            inner optimizer was built from ``named_parameters()``).
+        model: the model trained: its buffers are tracked, :meth:`ema_state_dict` is keyed like its
+            ``state_dict()``, and snapshot tensors take its names (those of the module inside torch.compile
+            or DDP) where the inner optimizer's ``param_names`` are missing or not unique.
 
     .. note::
         A bf16 or fp16 parameter gets an fp32 shadow by default: with
@@ -137,9 +134,9 @@ class EMAOptimizerWrapper(EMAExport, Optimizer):
         profiles = _profiles(
             decay, sigma_rel, warmup, warmup_gamma, warmup_power, min_decay, update_after_step, update_every
         )
-        snapshots = SnapshotConfig(
-            snapshot_every, snapshot_dir, snapshot_dtype, model, isinstance(profiles.members[0], PowerProfile)
-        )
+        power = isinstance(profiles.members[0], PowerProfile)
+        sigmas = tuple(getattr(m, "sigma_rel", None) for m in profiles.members)
+        snapshots = SnapshotConfig(snapshot_every, snapshot_dir, snapshot_dtype, model, power, sigmas)
         if backend not in BACKENDS:
             raise ValueError(f"Unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
         if ema_dtype is not None and (not isinstance(ema_dtype, torch.dtype) or not ema_dtype.is_floating_point):
@@ -165,6 +162,7 @@ class EMAOptimizerWrapper(EMAExport, Optimizer):
         self._dispatch = Dispatcher(backend, ema_device, skip_nonfinite, n_profiles=len(profiles))
         self._tracked = Tracker(self._dispatch, ema_dtype)
         self._tracked.track(self._tracked.all_params(self.param_groups), buffers, self._step)
+        self._snapshots.check_names(self._tracked, self.param_groups)
         self._traps = Traps(self)
 
     @property
@@ -215,8 +213,10 @@ class EMAOptimizerWrapper(EMAExport, Optimizer):
         group = dict(param_group)
         params = group["params"]
         group["params"] = [params] if isinstance(params, Tensor) else list(params)
-        named = self._tracked.named(group, len(self._tracked.params))
+        view = checkpoint.split_named(group)  # (name, tensor) pairs: the inner optimizer splits them itself
+        named = self._tracked.named(view, len(self._tracked.params))
         plan = self._tracked.plan(named, [])
+        self._snapshots.check_names(self._tracked, [*self.param_groups, view], plan)
         self.optimizer.add_param_group(group)
         self._tracked.commit(plan, named, [], self._step)
 
@@ -448,6 +448,14 @@ def _profiles(
             raise ValueError(
                 "sigma_rel selects power-function profiles, which have no decay or warmup: pass either "
                 "sigma_rel=... or decay=.../warmup=..., not both"
+            )
+        given = {"min_decay": (min_decay, 0.0), "warmup_gamma": (warmup_gamma, 1.0)}
+        given["warmup_power"] = (warmup_power, 2.0 / 3.0)
+        extra = [f"{n}={v!r}" for n, (v, default) in given.items() if v != default]
+        if extra:
+            raise ValueError(
+                f"sigma_rel selects power-function profiles, which have no {', '.join(extra)}: their weights "
+                "follow from sigma_rel alone; pass either sigma_rel=... or decay=... with those, not both"
             )
         members = tuple(PowerProfile(s, update_after_step, update_every) for s in as_tuple(sigma_rel, "sigma_rel"))
     else:
