@@ -41,16 +41,20 @@ import torch
 from torch import Tensor
 
 from triton_ema.profiles import _check_sigma_rel, sigma_rel_to_gamma, solve_coefficients
-from triton_ema.snapshot import index_name, read_index
+from triton_ema.snapshot_index import index_name, prune, read_indexes
 
 
 def _load(directory: str) -> dict[int, list[dict[str, Any]]]:
     if not os.path.isdir(directory):
         raise ValueError(f"{directory!r} is not a directory")
-    indexes = read_index(directory)
-    if not indexes:
-        raise ValueError(f"no snapshot index (index-r*.json) in {directory!r}")
-    return indexes
+    parsed = read_indexes(directory)
+    if not parsed:
+        raise ValueError(f"no snapshot index (index-r*.jsonl) in {directory!r}")
+    # Reconstruction never mixes runs: every rank's index must belong to the same one.
+    runs = {index.run for index in parsed.values() if index.run is not None}
+    if len(runs) > 1:
+        raise ValueError(f"{directory!r} holds the indexes of several runs ({sorted(runs)}): runs are never mixed")
+    return {rank: index.live() for rank, index in parsed.items()}
 
 
 def _offset(entries: Sequence[dict[str, Any]]) -> float | None:
@@ -132,8 +136,12 @@ def _accumulate(
     for i, entry in enumerate(used):
         path = os.path.join(directory, entry["file"])
         if not os.path.exists(path):
-            raise FileNotFoundError(f"the index lists {entry['file']}, which is not in {directory!r}")
-        with safe_open(path, framework="pt", device="cpu") as f:
+            raise ValueError(f"the index lists {entry['file']}, which is not in {directory!r}")
+        try:
+            f = safe_open(path, framework="pt", device="cpu")
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+            raise ValueError(f"{path} cannot be read (truncated or damaged?): {exc}") from None
+        with f:
             present = set(f.keys())
             for n in names:
                 if n not in present:
@@ -328,20 +336,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Reconstruct EMAs of any relative width from power-function EMA snapshots (EDM2 post-hoc EMA).",
     )
     parser.add_argument("directory", help="the snapshot directory (holds index-r*.json)")
-    parser.add_argument("--sigma-rel", type=_parse_sigmas, required=True, help="comma-separated, e.g. 0.08,0.12")
-    parser.add_argument("--out", required=True, help="output directory: one safetensors file per sigma_rel")
+    parser.add_argument("--sigma-rel", type=_parse_sigmas, help="comma-separated, e.g. 0.08,0.12")
+    parser.add_argument("--out", help="output directory: one safetensors file per sigma_rel")
     parser.add_argument("--step", type=int, default=None, help="target step (default: the last snapshot)")
     parser.add_argument("--rank", type=int, default=None, help="one rank's shards (default: all, assembled)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--prune", action="store_true", help="delete the files of superseded snapshots (abandoned branches) first"
+    )
     args = parser.parse_args(argv)
+    if not args.prune and (args.sigma_rel is None or args.out is None):
+        parser.error("--sigma-rel and --out are required (unless --prune alone)")
+    if (args.sigma_rel is None) != (args.out is None):
+        parser.error("--sigma-rel and --out go together")
     try:
+        if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out!r} is a file; it must be a directory (one file per sigma_rel)")
+        if args.prune:
+            if not os.path.isdir(args.directory):
+                raise ValueError(f"{args.directory!r} is not a directory")
+            for name in prune(args.directory):
+                print(f"removed {os.path.join(args.directory, name)}")
+        if args.sigma_rel is None:
+            return 0
         progress = not args.no_progress
         results, info = _reconstruct(args.directory, args.sigma_rel, args.step, args.rank, progress, torch.float32)
-    except ValueError as exc:
+        for path in _write_outputs(args.out, results, info, args.rank):
+            print(path)
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for path in _write_outputs(args.out, results, info, args.rank):
-        print(path)
     return 0
 
 

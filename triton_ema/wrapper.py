@@ -15,14 +15,14 @@ from torch.optim import Optimizer
 from triton_ema import checkpoint
 from triton_ema.dispatch import BACKENDS, MAX_PROFILES, Dispatcher
 from triton_ema.schedules import PowerProfile, ProfileSet, Schedule
-from triton_ema.snapshot_schedule import SnapshotConfig, SnapshotSchedule
+from triton_ema.snapshot_schedule import SnapshotConfig, SnapshotControls, SnapshotSchedule
 from triton_ema.tracking import Tracker
 from triton_ema.util import as_global
 
 _UNSET: Any = object()
 
 
-class EMAOptimizerWrapper(Optimizer):
+class EMAOptimizerWrapper(Optimizer, SnapshotControls):
     r"""Wraps an optimizer and keeps an exponential moving average of its parameters.
 
     After every successful :meth:`step` of the wrapped optimizer, each parameter's
@@ -89,6 +89,9 @@ class EMAOptimizerWrapper(Optimizer):
         model: names snapshot tensors after ``model.named_parameters()`` and
             ``named_buffers()`` when the inner optimizer was not built from
             ``named_parameters()`` (whose names are used otherwise).
+        snapshot_resume: continue the run whose snapshots ``snapshot_dir`` holds,
+            from the checkpoint loaded next (default ``False``: such a directory
+            is refused; see :meth:`~triton_ema.snapshot_schedule.SnapshotSchedule.open`).
 
     .. note::
         A bf16 or fp16 parameter gets an fp32 shadow by default: with
@@ -129,6 +132,7 @@ class EMAOptimizerWrapper(Optimizer):
         snapshot_dir: str | os.PathLike | None = None,
         snapshot_dtype: torch.dtype | None = None,
         model: torch.nn.Module | None = None,
+        snapshot_resume: bool = False,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -165,6 +169,7 @@ class EMAOptimizerWrapper(Optimizer):
         self._dispatch = Dispatcher(backend, ema_device, skip_nonfinite, n_profiles=len(profiles))
         self._tracked = Tracker(self._dispatch, ema_dtype)
         self._tracked.track(self._tracked.all_params(self.param_groups), buffers, self._step)
+        self._snapshots.open(self._tracked, snapshot_resume)
 
     @property
     def schedule(self) -> Schedule | PowerProfile:
@@ -299,10 +304,6 @@ class EMAOptimizerWrapper(Optimizer):
         """The decay the next step will use, or ``None`` if it makes no update."""
         return self.schedule.decay_at(self.num_steps + 1)
 
-    def flush(self) -> None:
-        """Return once every snapshot taken so far is on disk; raises if writing one failed."""
-        self._snapshots.flush()
-
     # ------------------------------------------------------------------ reading and swapping
     def _check_profile(self, profile: int) -> int:
         if isinstance(profile, bool) or not isinstance(profile, int) or not 0 <= profile < len(self.profiles):
@@ -387,8 +388,10 @@ class EMAOptimizerWrapper(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        checkpoint.load(self, *checkpoint.parse(self, state_dict))
-        self._snapshots.resumed_at(self._step)
+        parsed = checkpoint.parse(self, state_dict)
+        resume = self._snapshots.resume_plan(parsed[1].get("snapshots"), parsed[1]["step"], self._step)  # may raise
+        checkpoint.load(self, *parsed)
+        self._snapshots.resumed(resume)  # recorded on disk with the next snapshot, never before
         for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
             hook(self)
 
