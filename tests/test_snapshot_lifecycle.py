@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -356,8 +357,11 @@ def test_only_rank_zero_writes_under_ddp(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
     model, opt = make(tmp_path / "rank1")
-    train(model, opt, range(1, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even an attempt that fails
+        train(model, opt, range(1, 5))
     opt.close()
+    assert opt.snapshot_failures == 0
     assert not (tmp_path / "rank1").exists(), "a rank that does not write creates no files and no index"
     monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 0)
     model, opt = make(tmp_path / "rank0")
