@@ -128,71 +128,93 @@ def _accumulate(
     dtype: torch.dtype,
     bar: Any,
 ) -> list[dict[str, Tensor]]:
+    """``Σ coeffs[i, k] · snapshot_i`` for each k, one file at a time. An entry merged over ranks (``"pieces"``)
+    adds each rank's piece where its shard placement puts it: elementwise, so bit-exact against one process."""
     from safetensors import safe_open
 
     names = list(used[0]["tensors"])
     shapes = {n: tuple(used[0]["tensors"][n]["shape"]) for n in names}
     outs = [{n: torch.zeros(shapes[n], dtype=dtype) for n in names} for _ in range(coeffs.shape[1])]
     for i, entry in enumerate(used):
-        path = os.path.join(directory, entry["file"])
-        if not os.path.exists(path):
-            raise ValueError(f"the index lists {entry['file']}, which is not in {directory!r}")
-        try:
-            f = safe_open(path, framework="pt", device="cpu")
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
-            raise ValueError(f"{path} cannot be read (truncated or damaged?): {exc}") from None
-        with f:
-            present = set(f.keys())
-            for n in names:
-                if n not in present:
-                    raise ValueError(f"{entry['file']} does not hold tensor {n!r} that its index entry lists")
-                x = f.get_tensor(n)
-                if tuple(x.shape) != shapes[n]:
-                    raise ValueError(
-                        f"mismatched shapes between snapshots: {n!r} is {list(shapes[n])} in the index but "
-                        f"{list(x.shape)} in {entry['file']}"
-                    )
-                x = x.to(dtype)
-                for k, out in enumerate(outs):
-                    out[n].add_(x, alpha=float(coeffs[i, k]))
-                del x
+        merged = "pieces" in entry
+        for piece in entry["pieces"] if merged else [entry]:
+            path = os.path.join(directory, piece["file"])
+            if not os.path.exists(path):
+                raise ValueError(f"the index lists {piece['file']}, which is not in {directory!r}")
+            try:
+                f = safe_open(path, framework="pt", device="cpu")
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+                raise ValueError(f"{path} cannot be read (truncated or damaged?): {exc}") from None
+            places = (piece.get("shards") or {}) if merged else {}
+            with f:
+                present = set(f.keys())
+                for n in piece["tensors"] if merged else names:
+                    if n not in present:
+                        raise ValueError(f"{piece['file']} does not hold tensor {n!r} that its index entry lists")
+                    x = f.get_tensor(n)
+                    want = list(piece["tensors"][n]["shape"]) if merged else list(shapes[n])
+                    if list(x.shape) != want:
+                        raise ValueError(
+                            f"mismatched shapes between snapshots: {n!r} is {want} in the index but "
+                            f"{list(x.shape)} in {piece['file']}"
+                        )
+                    x = x.to(dtype)
+                    place = places.get(n)
+                    for k, out in enumerate(outs):
+                        target = out[n]
+                        if place is not None:
+                            target = target.narrow(place["dim"], place["offset"], x.shape[place["dim"]])
+                        target.add_(x, alpha=float(coeffs[i, k]))
+                    del x
         if bar is not None:
             bar.update(1)
     return outs
 
 
-def _assemble(per_rank: dict[int, list[dict[str, Tensor]]], entries: dict[int, dict[str, Any]]) -> list[dict]:
-    """Full tensors from each rank's reconstructed shards, placed where the index's ``shards`` say."""
-    ranks = sorted(per_rank)
-    count = len(per_rank[ranks[0]])
-    out: list[dict[str, Tensor]] = [{} for _ in range(count)]
-    names: list[str] = []
-    for r in ranks:
-        for n in entries[r]["tensors"]:
-            if n not in names:
-                names.append(n)
-    for n in names:
-        holders = [r for r in ranks if n in entries[r]["tensors"]]
-        missing = [r for r in holders if n not in entries[r].get("shards", {})]
-        if missing:
-            raise ValueError(
-                f"{len(ranks)} ranks' snapshots, but rank {missing[0]}'s tensor {n!r} has no shard placement; "
-                "pass rank= to reconstruct one rank's tensors"
-            )
-        places = [entries[r]["shards"][n] for r in holders]
-        dim, shape = places[0]["dim"], list(places[0]["global_shape"])
-        if any(p["dim"] != dim or list(p["global_shape"]) != shape for p in places):
-            raise ValueError(f"the ranks disagree on how {n!r} is sharded: {places}")
-        covered = sum(entries[r]["tensors"][n]["shape"][dim] for r in holders)
-        if covered != shape[dim]:
-            raise ValueError(f"the shards of {n!r} cover {covered} of its {shape[dim]} rows along dim {dim}")
-        for k in range(count):
-            full = torch.empty(shape, dtype=per_rank[holders[0]][k][n].dtype)
-            for r, p in zip(holders, places):
-                piece = per_rank[r][k].pop(n)
-                full.narrow(dim, p["offset"], piece.shape[dim]).copy_(piece)
-            out[k][n] = full
-    return out
+def _merge_ranks(indexes: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One entry per (step, profile) over the ranks that wrote it, holding full shapes and each rank's piece.
+
+    A snapshot counts when its pieces cover every tensor: a resume on another number of ranks changes who wrote
+    what, and a rank that stopped early (or failed a write) leaves steps that are left out, with a warning.
+    """
+    by_key: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for r in sorted(indexes):
+        for e in indexes[r]:
+            by_key.setdefault((e["step"], e["profile"]), []).append(e)
+    merged, partial = [], []
+    for key in sorted(by_key):
+        pieces = by_key[key]
+        full: dict[str, dict[str, Any]] = {}
+        covered: dict[str, int] = {}
+        for e in pieces:
+            for n, meta in e["tensors"].items():
+                place = (e.get("shards") or {}).get(n)
+                if place is None:
+                    holders = [p["rank"] for p in pieces if n in p["tensors"]]
+                    if len(holders) > 1:
+                        raise ValueError(
+                            f"{len(holders)} ranks' snapshots, but rank {e['rank']}'s tensor {n!r} has no shard "
+                            "placement; pass rank= to reconstruct one rank's tensors"
+                        )
+                    full[n] = {"dtype": meta["dtype"], "shape": list(meta["shape"]), "dim": None}
+                    continue
+                shape = list(place["global_shape"])
+                if n in full and (full[n]["dim"] != place["dim"] or full[n]["shape"] != shape):
+                    raise ValueError(f"the ranks disagree on how {n!r} is sharded at step {key[0]}")
+                full[n] = {"dtype": meta["dtype"], "shape": shape, "dim": place["dim"]}
+                covered[n] = covered.get(n, 0) + meta["shape"][place["dim"]]
+        whole = all(m["dim"] is None or covered[n] == m["shape"][m["dim"]] for n, m in full.items())
+        entry = {k: pieces[0][k] for k in ("step", "t", "gamma", "sigma_rel", "profile", "file")}
+        entry["tensors"] = {n: {"dtype": m["dtype"], "shape": m["shape"]} for n, m in full.items()}
+        entry["pieces"] = pieces
+        (merged if whole else partial).append(entry)
+    if partial:
+        warnings.warn(
+            f"{len(partial)} snapshot(s) miss a rank's piece (a rank stopped early or failed a write), from step "
+            f"{partial[0]['step']} on; using the {len(merged)} whole ones",
+            stacklevel=4,
+        )
+    return merged
 
 
 def _save(path: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
@@ -230,17 +252,11 @@ def _reconstruct(
             raise ValueError(f"Invalid rank value: {rank}. {directory!r} holds the indexes of ranks {sorted(indexes)}")
         indexes = {rank: indexes[rank]}
     elif len(indexes) > 1:
-        # Every rank must reconstruct the same snapshot set, or the assembled tensors would mix different EMAs.
-        keys = [{(e["step"], e["profile"]) for e in entries} for entries in indexes.values()]
-        common = set.intersection(*keys)
-        if any(k != common for k in keys):
-            warnings.warn(
-                f"the ranks' snapshot sets differ (a rank stopped early?); using the {len(common)} snapshots "
-                "all ranks hold",
-                stacklevel=3,
-            )
-            indexes = {r: [e for e in entries if (e["step"], e["profile"]) in common] for r, entries in indexes.items()}
-    plans = {r: _plan(entries, step, os.path.join(directory, index_name(r))) for r, entries in indexes.items()}
+        # Each snapshot assembled from the ranks that wrote it (their number may change at a resume).
+        indexes = {-1: _merge_ranks(indexes)}
+    where = {r: os.path.join(directory, index_name(r)) for r in indexes}
+    where[-1] = f"the indexes in {directory!r}"
+    plans = {r: _plan(entries, step, where[r]) for r, entries in indexes.items()}
     bar = _progress(sum(len(p[0]) for p in plans.values()), progress, "posthoc EMA")
     per_rank: dict[int, list[dict[str, Tensor]]] = {}
     try:
@@ -250,10 +266,7 @@ def _reconstruct(
     finally:
         if bar is not None:
             bar.close()
-    if len(per_rank) == 1:
-        results = next(iter(per_rank.values()))
-    else:
-        results = _assemble(per_rank, {r: p[0][0] for r, p in plans.items()})
+    (results,) = per_rank.values()
     used, target_step, target_t = next(iter(plans.values()))
     return results, {"step": target_step, "t": target_t, "snapshots": len(used), "sigmas": sigmas, "gammas": gammas}
 

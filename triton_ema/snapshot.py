@@ -170,7 +170,7 @@ class SnapshotWriter:
         self._lineages: dict[str, dict[str, Any]] = dict(index.lineages) if index else {}
         self.lineage: str | None = next(reversed(self._lineages)) if self._lineages else None
         self._lists: dict[tuple, int] = {}
-        for list_id, listed in (index.tensor_lists.items() if index else ()):
+        for list_id, listed in index.tensor_lists.items() if index else ():
             self._lists[self._list_key(listed["tensors"], listed["shards"])] = list_id
         self._entries: list[dict[str, Any]] = list(index.snapshots) if index else []
         self._lines_due: list[dict[str, Any]] = []  # lines the next submitted snapshot takes to the worker

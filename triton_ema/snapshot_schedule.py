@@ -256,7 +256,6 @@ class SnapshotSchedule:
         self.resources.close()
 
 
-
 def shard_info(t: Tensor) -> dict[str, Any] | None:
     """Where a DTensor's local shard sits in the full tensor (one sharded dimension), for snapshots."""
     if not is_dtensor(t):
@@ -275,7 +274,9 @@ def shard_info(t: Tensor) -> dict[str, Any] | None:
 
 
 def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    return (
+        torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    )
 
 
 def _writes(tracked: Tracker) -> bool:
