@@ -511,7 +511,7 @@ def test_fsdp2_snapshots_reconstruct_exactly_like_one_process(fsdp2_run, tmp_pat
             assert_equal(got["full_ema"][k], single["full_ema"][k], f"rank {r}: profile {k} gathered")
 
     # Each rank wrote its own index and files, the files holding its local shards where the index says they sit.
-    assert sorted(p.name for p in sharded.glob("index-r*.json")) == [f"index-r{r}.json" for r in range(WORLD_SIZE)]
+    assert sorted(p.name for p in sharded.glob("index-r*.jsonl")) == [f"index-r{r}.jsonl" for r in range(WORLD_SIZE)]
     indexes = read_index(sharded)
     (single_entries,) = read_index(single_dir).values()
 

@@ -23,8 +23,8 @@ JSON lines, one object a line, each ending in ``\\n``):
     this directory.
   - ``{"kind": "tensors", "id": 0, "tensors": {"layer.weight": {"dtype": "float32", "shape": [64, 32]}, ...},
     "shards": {"layer.weight": {"dim": 0, "offset": 0, "global_shape": [128, 32]}}}``: a tensor list, written
-    once and referred to by id (a new one only when the tensors change). ``tensors`` lists the names in the
-    order they are stored in each file's safetensors header (sorted by safetensors), with dtype and (local) shape.
+    once and referred to by id (a new one only when the tensors change). ``tensors`` lists the names with dtype and
+    (local) shape, in the wrapper's order (the parameters' order); a file's own layout is safetensors' business.
     ``shards`` (or ``null``) says, for each tensor that is this rank's piece of a larger one (FSDP2), along which
     dimension, at which offset, and the full shape.
   - ``{"kind": "snapshot", "file": "ema-s000002000-p0-r0.safetensors", "lineage": "L0", "step": 2000, "t": 2000.0,
@@ -41,10 +41,12 @@ JSON lines, one object a line, each ending in ``\\n``):
 Version 1 directories (one ``index-r{rank}.json`` document holding every entry, no run id) are still read.
 
 **Crash safety.** A file is written under a temporary name (``.ema-...safetensors.tmp-{pid}``), fsynced, renamed
-into place, the directory fsynced; only then is its line appended to the index (one ``write`` and an fsync). A
+into place, the directory fsynced; only then is its line appended to the index (one ``write``). A
 crash at any moment leaves an index whose every line names a complete file; at worst a stray temporary file and a
-snapshot missing from the index. A failed write (disk full, an I/O error) is reported once as a warning naming the
-file, leaves neither a temporary nor an unlisted file, and counts in :attr:`SnapshotWriter.failures`; later
+snapshot missing from the index. Index lines are fsynced by :meth:`SnapshotWriter.flush` (the wrapper's
+``flush()``, ``state_dict()``, ``close()``), not one by one: a power loss can drop the lines since then, whose files
+are then unlisted, as after a crash mid-write. A failed write (disk full, an I/O error) is reported once as a warning
+naming the file, leaves neither a temporary nor an unlisted file, and counts in :attr:`SnapshotWriter.failures`; later
 snapshots are still attempted.
 
 Example:
@@ -175,6 +177,7 @@ class SnapshotWriter:
         self._entries: list[dict[str, Any]] = list(index.snapshots) if index else []
         self._lines_due: list[dict[str, Any]] = []  # lines the next submitted snapshot takes to the worker
         self._unwritten: list[dict[str, Any]] = []  # lines the worker still owes the index (after a failure)
+        self._index_dirty = False
         self.failures = 0
         self.failed_files: list[str] = []
         self._pool: dict[tuple, list[Tensor]] = {}
@@ -420,13 +423,24 @@ class SnapshotWriter:
         created = not os.path.exists(self._index_path)
         fd = os.open(self._index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            # One write: a process killed mid-append leaves the line whole or absent (a power loss may not).
+            # One write: a process killed mid-append leaves the line whole or absent. Not fsynced per line (that
+            # would be most of the writer's time on a small model): flush() fsyncs it, so a power loss can drop
+            # the lines since the last flush, whose files are then unlisted, never a line without its file.
             os.write(fd, data)
-            os.fsync(fd)
         finally:
             os.close(fd)
+        self._index_dirty = True
         if created:
             _fsync_dir(self.directory)
+
+    def _sync_index(self) -> None:
+        if self._index_dirty:
+            self._index_dirty = False
+            fd = os.open(self._index_path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _write(self, job: _Job) -> None:
         from safetensors.torch import save_file
@@ -464,9 +478,14 @@ class SnapshotWriter:
         return {"kind": "header", "format": FORMAT, "version": VERSION, "rank": self.rank, "run": self.run}
 
     def flush(self) -> None:
-        """Return once every snapshot submitted so far is written or has failed (see :attr:`failures`)."""
+        """Return once every snapshot submitted so far is written (the index fsynced) or has failed (see
+        :attr:`failures`)."""
         if self._thread.is_alive():
             self._queue.join()
+        try:
+            self._sync_index()
+        except OSError as exc:  # reported like a failed snapshot: the lines are written, only not yet durable
+            warnings.warn(f"triton-ema: fsync of {self._index_path} failed: {exc!r}", RuntimeWarning, stacklevel=2)
 
     def close(self) -> None:
         """Flush, then stop the worker thread. Idempotent; further :meth:`submit` calls raise."""

@@ -13,8 +13,11 @@ import gc
 import json
 import os
 import socket
+import threading
 import warnings
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import InitVar, dataclass
 from typing import Any
 
@@ -54,6 +57,21 @@ class SnapshotConfig:
             raise TypeError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
 
 
+_EVALUATION_ONLY = threading.local()
+
+
+@contextmanager
+def evaluation_only() -> Iterator[None]:
+    """Wrappers built inside take no snapshots and touch no directory: they only evaluate a checkpoint's EMA
+    (Lightning's ``test(ckpt_path=...)`` rebuilds one beside the live wrapper that writes the directory)."""
+    before = getattr(_EVALUATION_ONLY, "on", False)
+    _EVALUATION_ONLY.on = True
+    try:
+        yield
+    finally:
+        _EVALUATION_ONLY.on = before
+
+
 class SnapshotControls:
     """The wrapper's snapshot methods (a mixin of :class:`~triton_ema.wrapper.EMAOptimizerWrapper`)."""
 
@@ -81,6 +99,8 @@ class SnapshotSchedule:
     """When the wrapper's snapshots are taken and what their tensors are called; owns the writer."""
 
     def __init__(self, config: SnapshotConfig) -> None:
+        if getattr(_EVALUATION_ONLY, "on", False) and config.every is not None:
+            config = SnapshotConfig(None, None, config.dtype, config.model)
         self.config = config
         self.run = new_run_id()
         self.lineage: str | None = None  # the lineage written to, once recorded on disk

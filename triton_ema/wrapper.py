@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 from triton_ema import checkpoint
 from triton_ema.dispatch import BACKENDS, MAX_PROFILES, Dispatcher
 from triton_ema.schedules import PowerProfile, ProfileSet, Schedule
-from triton_ema.snapshot_schedule import SnapshotConfig, SnapshotControls, SnapshotSchedule
+from triton_ema.snapshot_schedule import SnapshotConfig, SnapshotControls, SnapshotSchedule, evaluation_only  # noqa: F401
 from triton_ema.tracking import Tracker
 from triton_ema.util import as_global
 
