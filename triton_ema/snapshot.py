@@ -140,11 +140,10 @@ class SnapshotWriter:
             so a slow disk cannot fill host memory with copies.
 
     .. note::
-        CPU tensors are copied into host buffers that are reused once their file is written. CUDA tensors are
-        copied into pinned host buffers on a side stream; the worker waits for the copy's event before writing.
-        With ``wait=True`` (default) the caller's current stream waits for the copy on the GPU (no host
-        synchronisation), so later kernels cannot overwrite the tensors first; with ``wait=False`` the caller must
-        wait on the returned event itself before writing to them.
+        Tensors are copied into host buffers (pinned for CUDA sources, on a side stream) that are reused once their
+        file is written. With ``wait=True`` (default) the caller's current stream waits for a CUDA copy on the GPU
+        (no host synchronisation), so later kernels cannot overwrite the tensors first; with ``wait=False`` the
+        caller must wait on the returned event itself before writing to them.
     """
 
     def __init__(
