@@ -67,7 +67,6 @@ import math
 import os
 import queue
 import threading
-import uuid
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -80,35 +79,16 @@ from torch import Tensor
 from triton_ema.snapshot_index import (  # noqa: F401 - read_index, prune, FORMAT: this module's public names too
     FORMAT,
     VERSION,
+    dtype_name,
+    fsync_dir,
     index_files,
     index_name,
+    new_run_id,
     prune,
     read_index,
     read_rank,
     snapshot_name,
 )
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def new_run_id() -> str:
-    return uuid.uuid4().hex
-
-
-def _fsync_dir(directory: str) -> None:
-    # Makes the rename itself durable; some platforms (Windows) cannot open a directory, which is fine there.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -122,7 +102,6 @@ class _Job:
 
 
 _STOP = object()
-_POOLED_PER_SHAPE = 4  # host buffers kept per (shape, dtype, pinned) for the next snapshot's copies
 
 
 class SnapshotWriter:
@@ -180,6 +159,7 @@ class SnapshotWriter:
         self.failures = 0
         self.failed_files: list[str] = []
         self._pool: dict[tuple, list[Tensor]] = {}
+        self._need: dict[tuple, int] = {}  # buffers of each key one submit_many() takes
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._lock = threading.Lock()
         self._stream = None
@@ -273,6 +253,13 @@ class SnapshotWriter:
             self._check(item)
         if self.lineage is None:
             self.begin_lineage(None, 0)
+        need: dict[tuple, int] = {}
+        for item in items:
+            for x in item["tensors"].values():
+                key = (tuple(x.shape), dtype or x.dtype, x.is_cuda)
+                need[key] = need.get(key, 0) + 1
+        with self._lock:
+            self._need.update(need)
         event = None
         jobs = []
         for item in items:
@@ -307,8 +294,11 @@ class SnapshotWriter:
     def _release(self, tensors: dict[str, Tensor]) -> None:
         with self._lock:
             for buf in tensors.values():
-                free = self._pool.setdefault((tuple(buf.shape), buf.dtype, buf.is_pinned()), [])
-                if len(free) < _POOLED_PER_SHAPE:
+                key = (tuple(buf.shape), buf.dtype, buf.is_pinned())
+                free = self._pool.setdefault(key, [])
+                # Keep what one submit_many() takes (every profile's copy of every tensor of this shape), so that
+                # the next snapshot allocates nothing and faults in no fresh pages.
+                if len(free) < self._need.get(key, 1):
                     free.append(buf)
         tensors.clear()
 
@@ -430,7 +420,7 @@ class SnapshotWriter:
             os.close(fd)
         self._index_dirty = True
         if created:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
     def _sync_index(self) -> None:
         if self._index_dirty:
@@ -465,7 +455,7 @@ class SnapshotWriter:
             os.close(fd)
         os.replace(tmp, final)
         job.renamed = True
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         self._release(job.tensors)  # the host copy goes back to the pool before the (small) index write
         line = {k: v for k, v in job.entry.items() if k not in ("rank", "tensors", "tensor_list", "shards")}
         line["tensors"] = job.entry["tensor_list"]

@@ -12,11 +12,36 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 FORMAT = "triton-ema-snapshots"
 VERSION = 2
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def fsync_dir(directory: str) -> None:
+    # Makes the rename itself durable; some platforms (Windows) cannot open a directory, which is fine there.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def index_name(rank: int) -> str:
