@@ -13,10 +13,13 @@ A run that tracked at least two power-function profiles and saved their snapshot
 The target time defaults to the last snapshot's; ``step=`` picks an earlier one, and then only the snapshots taken
 up to it are used (later ones hold weights from after it).
 
-**Ranks.** Each rank's index is reconstructed from its own files (reconstruction is elementwise linear, so a shard
-reconstructs on its own). ``rank=r`` returns rank ``r``'s tensors as stored (its local shards). ``rank=None``
-returns the one rank's tensors when the directory holds one rank, and with several ranks assembles the full
-tensors from the shard placements recorded in the index; without placements it refuses and asks for ``rank=``.
+**Ranks.** ``rank=r`` reconstructs rank ``r``'s tensors as stored (its local shards) from its own index. ``rank=None``
+returns the one rank's tensors when the directory holds one rank; with several, each snapshot is assembled from the
+pieces of the ranks that wrote it, placed where the index's shard placements say (along any dimension; the number of
+ranks may change at a resume), and a snapshot missing a rank's piece is left out with a warning. Reconstruction is
+elementwise linear, so the result is bit-exact against one process's snapshots. Tensors held whole by several ranks
+(no placement) are refused: pass ``rank=``. Only the live snapshots of one run are used (see
+:mod:`triton_ema.snapshot` for runs and lineages); :func:`prune` deletes superseded ones.
 
 Example:
     >>> from triton_ema import posthoc                                   # doctest: +SKIP
