@@ -524,3 +524,25 @@ def test_reconstruction_never_mixes_runs(tmp_path):
     _write(tmp_path, snaps, rank=1, run="b" * 32, cut=_columns(1, 2))
     with pytest.raises(ValueError, match="several runs"):
         posthoc.reconstruct(tmp_path, 0.13)
+
+
+def test_version_1_directories_are_still_read(tmp_path):
+    """A directory as version 1 wrote it (one JSON document per rank, no run id) reconstructs as before; a wrapper
+    is refused it for writing, with nothing changed."""
+    model, opt = make(tmp_path)
+    train(model, opt, range(1, 9))
+    opt.close()
+    want = posthoc.reconstruct(tmp_path, 0.08)
+    entries = [
+        {k: v for k, v in e.items() if k not in ("lineage", "tensor_list", "kind")} for e in read_index(tmp_path)[0]
+    ]
+    (tmp_path / "index-r0.json").write_text(
+        json.dumps({"format": "triton-ema-snapshots", "version": 1, "rank": 0, "entries": entries})
+    )
+    (tmp_path / "index-r0.jsonl").unlink()
+    got = posthoc.reconstruct(tmp_path, 0.08)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    before = disk(tmp_path)
+    with pytest.raises(ValueError, match="older version"):
+        make(tmp_path, snapshot_resume=True)
+    assert disk(tmp_path) == before

@@ -351,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m triton_ema.posthoc",
         description="Reconstruct EMAs of any relative width from power-function EMA snapshots (EDM2 post-hoc EMA).",
     )
-    parser.add_argument("directory", help="the snapshot directory (holds index-r*.json)")
+    parser.add_argument("directory", help="the snapshot directory (holds index-r*.jsonl)")
     parser.add_argument("--sigma-rel", type=_parse_sigmas, help="comma-separated, e.g. 0.08,0.12")
     parser.add_argument("--out", help="output directory: one safetensors file per sigma_rel")
     parser.add_argument("--step", type=int, default=None, help="target step (default: the last snapshot)")
