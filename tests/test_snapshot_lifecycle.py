@@ -546,3 +546,18 @@ def test_version_1_directories_are_still_read(tmp_path):
     with pytest.raises(ValueError, match="older version"):
         make(tmp_path, snapshot_resume=True)
     assert disk(tmp_path) == before
+
+
+def test_resuming_without_a_checkpoint_starts_over_and_says_so(tmp_path):
+    model, opt = make(tmp_path)
+    train(model, opt, range(1, 7))
+    opt.close()
+    before = disk(tmp_path)
+    model, opt = make(tmp_path, snapshot_resume=True)
+    with pytest.warns(RuntimeWarning, match="starts over"):
+        train(model, opt, range(1, 5))
+        opt.close()
+    assert all(disk(tmp_path)[name][0] == digest for name, (digest, _) in before.items() if name.startswith("ema-"))
+    (index,) = read_indexes(tmp_path).values()
+    assert list(index.lineages) == ["L0", "L0.1"] and len(index.superseded()) == 6
+    assert {e["lineage"] for e in index.live()} == {"L0.1"}

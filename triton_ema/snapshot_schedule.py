@@ -138,6 +138,7 @@ class SnapshotSchedule:
         try:
             writer = self._writer()
             names = self.names(tracked, param_groups)
+            restart = self.pending is not None and self.pending[0] is None and writer.lineage is not None
             if self.pending is not None:
                 self.lineage = writer.begin_lineage(*self.pending)
                 self.pending = None
@@ -154,6 +155,14 @@ class SnapshotSchedule:
                 item = {"step": step, "t": step - after, "gamma": profile.gamma, "sigma_rel": profile.sigma_rel}
                 items.append({**item, "profile": k, "tensors": tensors})
             writer.submit_many(items, dtype=self.config.dtype, shards=shards or None)
+            if restart:
+                warnings.warn(
+                    f"triton-ema: the run starts over in {os.fspath(self.config.dir)!r}: no checkpoint of it was "
+                    "loaded (or one saved before its first snapshot), so its earlier snapshots there stay on disk, "
+                    "superseded (posthoc.prune removes them)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
         except Exception as exc:  # noqa: BLE001 - step() never raises because of a snapshot
             self.resources.own_failures += 1
             warnings.warn(f"triton-ema: the snapshot at step {step} was not taken: {exc}", RuntimeWarning, stacklevel=4)
