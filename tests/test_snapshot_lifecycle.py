@@ -561,3 +561,32 @@ def test_resuming_without_a_checkpoint_starts_over_and_says_so(tmp_path):
     (index,) = read_indexes(tmp_path).values()
     assert list(index.lineages) == ["L0", "L0.1"] and len(index.superseded()) == 6
     assert {e["lineage"] for e in index.live()} == {"L0.1"}
+
+
+def test_every_profile_is_copied_before_any_write_is_queued_and_buffers_are_reused(tmp_path):
+    events: list[str] = []
+    taken: list[list[int]] = [[], []]
+    with SnapshotWriter(tmp_path) as w:
+        real_take, real_put = w._take, w._queue.put
+
+        def take(*args):
+            buf = real_take(*args)
+            events.append("copy")
+            taken[len(taken[0]) >= 4].append(buf.data_ptr())
+            return buf
+
+        def put(job, *args, **kwargs):
+            events.append("queue")
+            return real_put(job, *args, **kwargs)
+
+        w._take, w._queue.put = take, put
+        tensors = {"a": torch.randn(64), "b": torch.randn(8, 8)}
+        items = [
+            {"step": 2, "t": 2.0, "gamma": g, "sigma_rel": s, "profile": k, "tensors": tensors}
+            for k, (g, s) in enumerate(((16.97, 0.05), (6.94, 0.10)))
+        ]
+        w.submit_many(items)
+        assert events == ["copy"] * 4 + ["queue"] * 2
+        w.flush()
+        w.submit_many([{**item, "step": 4, "t": 4.0} for item in items])
+    assert sorted(taken[1]) == sorted(taken[0]), "the second snapshot's copies go into the first one's buffers"
