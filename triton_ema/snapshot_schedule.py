@@ -26,7 +26,7 @@ from torch import Tensor
 
 from triton_ema.schedules import ProfileSet
 from triton_ema.snapshot import SnapshotWriter, new_run_id
-from triton_ema.snapshot_index import index_files, index_name, lock_name
+from triton_ema.snapshot_index import index_files, index_name, lock_name, read_rank
 from triton_ema.tracking import Tracker
 from triton_ema.util import is_dtensor
 
@@ -382,8 +382,7 @@ class _Resources:
         _LOCKED[key] = weakref.ref(self)
         index = os.path.join(directory, index_name(rank))
         if os.path.exists(index):
-            lineages = [ln for ln in _lineages(index)]
-            self.last_lineage = lineages[-1] if lineages else None
+            self.last_lineage = next(reversed(read_rank(index).lineages), None)
 
     def close(self) -> None:
         """Flush and stop the writer, then release the lock; idempotent."""
@@ -424,15 +423,3 @@ def _stale(path: str) -> bool:
     except PermissionError:
         return False
     return False
-
-
-def _lineages(index: str) -> list[str]:
-    out = []
-    with open(index, encoding="utf-8") as f:
-        for line in f:
-            if '"lineage"' in line and '"kind":"lineage"' in line.replace(" ", ""):
-                try:
-                    out.append(json.loads(line)["lineage"])
-                except (ValueError, KeyError):
-                    pass
-    return out
