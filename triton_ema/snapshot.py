@@ -416,6 +416,10 @@ class SnapshotWriter:
             # would be most of the writer's time on a small model): flush() fsyncs it, so a power loss can drop
             # the lines since the last flush, whose files are then unlisted, never a line without its file.
             os.write(fd, data)
+        except OSError:
+            if created:  # leave no empty index behind (it would read as a damaged one)
+                os.remove(self._index_path)
+            raise
         finally:
             os.close(fd)
         self._index_dirty = True
