@@ -216,6 +216,15 @@ def test_snapshot_step_measures_snapshots_flushes_and_cleans_up(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_snapshot_index_benchmark_splits_the_writers_time(tmp_path):
+    from benchmarks import snapshot_index
+
+    r = snapshot_index.measure(snapshots=12, tensors=5, numel=4, tmp_root=str(tmp_path))
+    assert 0 < r["index_s"] < r["writer_s"] and r["index_share"] == pytest.approx(r["index_s"] / r["writer_s"])
+    assert r["v1_rewrite_s"] > 0 and r["v1_index_bytes_last"] > r["v2_index_bytes"] / 2
+    assert list(tmp_path.iterdir()) == []
+
+
 def _contender(name: str) -> Contender:
     return next(c for c in CONTENDERS if c.name == name)
 

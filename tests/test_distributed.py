@@ -376,6 +376,10 @@ def _dcp_worker(rank: int, world: int, seed: int, init_file: str, tmp: str) -> N
                 torch.save(got, tmp_dir / f"snapshot-{rank}.pt")
             except Exception:
                 (tmp_dir / f"snapshot-error-{rank}.txt").write_text(traceback.format_exc())
+        try:
+            snapshot_resharded_run(rank, world, seed, tmp_dir, save_group)
+        except Exception:
+            (tmp_dir / f"resharded-error-{rank}.txt").write_text(traceback.format_exc())
         # Rank 2 is done long before the snapshot run: no rank tears down while another still communicates.
         dist.barrier()
     finally:
@@ -532,7 +536,7 @@ def test_fsdp2_snapshots_reconstruct_exactly_like_one_process(fsdp2_run, tmp_pat
             assert_equal(got["full_ema"][k], single["full_ema"][k], f"rank {r}: profile {k} gathered")
 
     # Each rank wrote its own index and files, the files holding its local shards where the index says they sit.
-    assert sorted(p.name for p in sharded.glob("index-r*.json")) == [f"index-r{r}.json" for r in range(WORLD_SIZE)]
+    assert sorted(p.name for p in sharded.glob("index-r*.jsonl")) == [f"index-r{r}.jsonl" for r in range(WORLD_SIZE)]
     indexes = read_index(sharded)
     (single_entries,) = read_index(single_dir).values()
 
@@ -576,3 +580,79 @@ def test_fsdp2_snapshots_reconstruct_exactly_like_one_process(fsdp2_run, tmp_pat
     # A reconstruction that is neither tracked profile, so that the comparison above is one of new tensors.
     for k in range(len(SNAPSHOT_SIGMAS)):
         assert not torch.equal(expected["0.weight"], single["full_ema"][k][0])
+
+
+# Snapshots across a resume on another number of ranks (issue 14): two FSDP2 ranks train with snapshots and save a
+# DCP checkpoint, three resume it into the same snapshot directory (snapshot_resume=True) and go on. Every snapshot,
+# before and after the resume, is assembled from the ranks that wrote it, and the reconstruction is bit-exact against
+# one process's run of all the steps.
+RESHARD_STEPS = (4, 4)
+
+
+def _snapshot_wrapper(model: nn.Module, directory: Path, resume: bool = False) -> EMAOptimizerWrapper:
+    return EMAOptimizerWrapper(
+        torch.optim.AdamW(model.named_parameters(), lr=0.05),
+        sigma_rel=SNAPSHOT_SIGMAS,
+        snapshot_every=SNAPSHOT_EVERY,
+        snapshot_dir=directory,
+        snapshot_resume=resume,
+    )
+
+
+def snapshot_resharded_run(rank: int, world: int, seed: int, tmp_dir: Path, save_group) -> None:
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import DeviceMesh
+
+    directory, ckpt = tmp_dir / "snapshots-resharded", str(tmp_dir / "ckpt-resharded")
+    batches = dcp_data(seed, sum(RESHARD_STEPS))
+    if rank < WORLD_SIZE:
+        model = dcp_distribute(make_model(seed), WORLD_SIZE, DeviceMesh.from_group(save_group, "cpu"))
+        opt = _snapshot_wrapper(model, directory)
+        for x, y in batches[: RESHARD_STEPS[0]]:
+            dcp_step(model, opt, x, y, rank)
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.save(state, checkpoint_id=ckpt, process_group=save_group)
+        opt.close()
+    dist.barrier()
+    model = dcp_distribute(make_model(seed + 100), world)
+    opt = _snapshot_wrapper(model, directory, resume=True)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=ckpt)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    for x, y in batches[RESHARD_STEPS[0] :]:
+        dcp_step(model, opt, x, y, rank)
+    opt.close()
+
+
+def test_fsdp2_snapshots_resumed_on_three_ranks_reconstruct_exactly(fsdp2_run, tmp_path, request):
+    from triton_ema.snapshot_index import read_indexes
+
+    tmp, seed = fsdp2_run
+    request.node.user_properties.append(("seed", seed))
+    errors = sorted(tmp.glob("resharded-error-*.txt"))
+    if errors:
+        pytest.fail(f"the resharded snapshot run failed; {errors[0].stem}:\n{errors[0].read_text()}")
+    single_dir = tmp_path / "single"
+    model = make_model(seed)
+    opt = _snapshot_wrapper(model, single_dir)
+    for x, y in dcp_data(seed, sum(RESHARD_STEPS)):
+        dcp_step(model, opt, x, y, 0)
+    opt.close()
+    sharded = tmp / "snapshots-resharded"
+    indexes = read_indexes(sharded)
+    assert sorted(indexes) == [0, 1, 2]
+    steps = {r: sorted({e["step"] for e in index.live()}) for r, index in indexes.items()}
+    assert steps == {0: [2, 4, 6, 8], 1: [2, 4, 6, 8], 2: [6, 8]}, "two ranks before the resume, three after"
+    assert len({index.run for index in indexes.values()}) == 1, "one run id on every rank"
+    for step in (None, 4, 6):
+        expected = posthoc.reconstruct(single_dir, sigma_rel=POSTHOC_SIGMA, step=step)
+        got = posthoc.reconstruct(sharded, sigma_rel=POSTHOC_SIGMA, step=step)
+        assert list(got) == list(expected)
+        assert_equal(list(got.values()), list(expected.values()), f"reconstruction at step {step}")

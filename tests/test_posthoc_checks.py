@@ -260,8 +260,8 @@ def test_names_are_worked_out_once(tmp_path: Path, monkeypatch) -> None:
     from triton_ema import snapshot_schedule
 
     calls = []
-    original = snapshot_schedule._names
-    monkeypatch.setattr(snapshot_schedule, "_names", lambda *a: calls.append(1) or original(*a))
+    original = snapshot_schedule.snapshot_names
+    monkeypatch.setattr(snapshot_schedule, "snapshot_names", lambda *a: calls.append(1) or original(*a))
     _run(tmp_path, steps=30, every=5)
     assert len(calls) == 1
 

@@ -4,7 +4,6 @@ all through the wrapper, on both backends (Triton under the interpreter)."""
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import pytest
@@ -15,6 +14,7 @@ from torch import nn
 
 from triton_ema import EMAOptimizerWrapper, posthoc
 from triton_ema.kernels import interpreting
+from triton_ema.snapshot import read_index
 
 BACKENDS = [
     "torch",
@@ -280,8 +280,7 @@ def test_snapshots_name_tensors_and_reconstruct_a_tracked_profile(seed, tmp_path
         walk(list(model.parameters()))
         opt.update_ema()
     opt.flush()
-    index = json.loads((tmp_path / "index-r0.json").read_text())
-    entries = index["entries"]
+    (entries,) = read_index(tmp_path).values()
     assert [(e["step"], e["profile"]) for e in entries] == [(s, k) for s in (3, 6, 9, 12) for k in (0, 1)]
     assert set(entries[0]["tensors"]) == {n for n, _ in model.named_parameters()}
     assert entries[1]["sigma_rel"] == 0.10 and entries[1]["gamma"] == pytest.approx(gamma64(0.10), rel=1e-9)
@@ -315,7 +314,9 @@ def test_reconstruction_through_the_wrapper_matches_a_tracked_profile(seed, tmp_
 
 def test_state_dict_flushes_snapshots(tmp_path, monkeypatch):
     p = nn.Parameter(torch.zeros(3))
-    opt = EMAOptimizerWrapper(torch.optim.SGD([p], lr=0.1), sigma_rel=(0.05, 0.1), snapshot_every=1, snapshot_dir=tmp_path)
+    opt = EMAOptimizerWrapper(
+        torch.optim.SGD([p], lr=0.1), sigma_rel=(0.05, 0.1), snapshot_every=1, snapshot_dir=tmp_path
+    )
     flushed = []
     opt.update_ema()
     monkeypatch.setattr(opt._snapshots.writer, "flush", lambda: flushed.append(True))
@@ -382,13 +383,16 @@ def test_snapshot_names_come_from_the_model_or_positions(tmp_path):
         buffers=model.buffers(),
     )
     anonymous = EMAOptimizerWrapper(
-        torch.optim.SGD(model.parameters(), lr=0.1), sigma_rel=(0.05, 0.1), snapshot_every=1, snapshot_dir=tmp_path / "anon"
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        sigma_rel=(0.05, 0.1),
+        snapshot_every=1,
+        snapshot_dir=tmp_path / "anon",
     )
     for opt in (named, anonymous):
         opt.update_ema()
         opt.flush()
-    entry = json.loads((tmp_path / "named" / "index-r0.json").read_text())["entries"][0]
+    (entry,) = read_index(tmp_path / "named")[0]
     floating = {n for n, b in model.named_buffers() if b.is_floating_point()}
     assert set(entry["tensors"]) == {n for n, _ in model.named_parameters()} | floating
-    entry = json.loads((tmp_path / "anon" / "index-r0.json").read_text())["entries"][0]
+    (entry,) = read_index(tmp_path / "anon")[0]
     assert set(entry["tensors"]) == {f"param.{j}" for j in range(4)}

@@ -58,7 +58,7 @@ def unfinished(directory: Path) -> list[str]:
     """Signs of a snapshot write under way: temporary files, finished files the index does not list yet (both
     fine after a crash), and files the index lists that are not there (never fine)."""
     names = os.listdir(directory) if directory.is_dir() else []
-    listed = [e["file"] for e in read_index(directory).get(0, [])] if "index-r0.json" in names else []
+    listed = [e["file"] for e in read_index(directory).get(0, [])] if "index-r0.jsonl" in names else []
     found = [n for n in names if n.startswith(".ema-") and ".safetensors.tmp-" in n]
     found += [n for n in names if n.startswith("ema-") and n.endswith(".safetensors") and n not in listed]
     return found + [n for n in listed if n not in names]

@@ -9,9 +9,12 @@ added where the tools that reshard optimizer state carry it:
   ``get_optimizer_state_dict``) therefore move it with the parameter.
 * ``param_groups[i]["ema"]``, the same in every group: ``format_version`` (2),
   ``step``, ``skipped_updates``, ``schedule`` (the first profile) and ``profiles``
-  (one dict per profile, see :func:`triton_ema.schedules.profile_from_dict`), and
+  (one dict per profile, see :func:`triton_ema.schedules.profile_from_dict`);
   ``inner_step``: the wrapped optimizer's own step count when saved (Adam's ``"step"``,
-  ``None`` for a stateless one), by which loading tells an EMA older than the state beside it.
+  ``None`` for a stateless one), by which loading tells an EMA older than the state beside it;
+  and ``snapshots``: ``{"run", "lineage", "at"}``, the post-hoc snapshot run this
+  state belongs to (:meth:`~triton_ema.snapshot_schedule.SnapshotSchedule.identity`;
+  absent from older state dicts, which still load).
 * ``"ema_buffers"`` (and ``"ema_buffers_{k}"``): the buffer EMAs (copies for
   integer buffers), in the order the buffers were given; absent without buffers.
 
@@ -69,6 +72,7 @@ def ema_meta(opt: Any, optimizer_step: float | None = None) -> dict[str, Any]:
         "skipped_updates": opt.skipped_updates,
         "schedule": opt.schedule.to_dict(),
         "profiles": opt.profiles.to_list(),
+        "snapshots": opt._snapshots.identity(),
     }
 
 
@@ -320,6 +324,7 @@ def pickled(opt: Any) -> dict[str, Any]:
         **opt._tracked.pickled(),
         "step": opt.num_steps,
         "skipped_updates": opt.skipped_updates,
+        "snapshot_identity": opt._snapshots.identity(),
     }
 
 
@@ -328,6 +333,10 @@ def unpickle(opt: Any, state: dict[str, Any]) -> None:
     opt.optimizer = state["optimizer"]
     opt.profiles = ProfileSet(tuple(state["profiles"]))
     opt._snapshots = SnapshotSchedule(state["snapshot"])
+    if "snapshot_identity" in state:  # a copy is a branch of the run: its own lineage from its step on
+        saved = state["snapshot_identity"]
+        at = state["step"] if saved["at"] is None else saved["at"]
+        opt._snapshots.resumed((saved["run"], saved["lineage"], at))
     opt.ema_dtype = state["ema_dtype"]
     opt.backend = state["backend"]
     opt._init_hooks()

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from triton_ema.snapshot_schedule import evaluation_only
 from triton_ema.wrapper import EMAOptimizerWrapper
 
 try:
@@ -157,7 +158,8 @@ class EMACallback(pl.Callback):
         # any) hold another run's average. A fresh wrapper over the same parameters, loaded from the
         # checkpoint, has the average that belongs to these weights.
         try:
-            optimizers = list(_optimizers_in(pl_module.configure_optimizers()))
+            with evaluation_only():  # beside the live wrapper, which may be writing its snapshots
+                optimizers = list(_optimizers_in(pl_module.configure_optimizers()))
         except Exception as e:
             self._warn_once(f"configure_optimizers() failed outside fit ({e!r}); evaluating with the raw weights")
             return []

@@ -14,10 +14,13 @@ The target time defaults to the last snapshot's; ``step=`` picks an earlier snap
 refused, naming the nearest snapshot steps), and then only the snapshots taken up to it are used (later ones hold
 weights from after it).
 
-**Ranks.** Each rank's index is reconstructed from its own files (reconstruction is elementwise linear, so a shard
-reconstructs on its own). ``rank=r`` returns rank ``r``'s tensors as stored (its local shards). ``rank=None``
-returns the one rank's tensors when the directory holds one rank, and with several ranks assembles the full
-tensors from the shard placements recorded in the index; without placements it refuses and asks for ``rank=``.
+**Ranks.** ``rank=r`` reconstructs rank ``r``'s tensors as stored (its local shards) from its own index. ``rank=None``
+returns the one rank's tensors when the directory holds one rank; with several, each snapshot is assembled from the
+pieces of the ranks that wrote it, placed where the index's shard placements say (along any dimension; the number of
+ranks may change at a resume), and a snapshot missing a rank's piece is left out with a warning. Reconstruction is
+elementwise linear, so the result is bit-exact against one process's snapshots. Tensors held whole by several ranks
+(no placement) are refused: pass ``rank=``. Only the live snapshots of one run are used (see
+:mod:`triton_ema.snapshot` for runs and lineages); :func:`prune` deletes superseded ones.
 
 Example:
     >>> from triton_ema import posthoc                                   # doctest: +SKIP
@@ -42,16 +45,20 @@ import torch
 from torch import Tensor
 
 from triton_ema.profiles import _check_sigma_rel, sigma_rel_to_gamma, solve_coefficients
-from triton_ema.snapshot import index_name, read_index
+from triton_ema.snapshot_index import index_name, prune, read_indexes
 
 
 def _load(directory: str) -> dict[int, list[dict[str, Any]]]:
     if not os.path.isdir(directory):
         raise ValueError(f"{directory!r} is not a directory")
-    indexes = read_index(directory)
-    if not indexes:
-        raise ValueError(f"no snapshot index (index-r*.json) in {directory!r}")
-    return indexes
+    parsed = read_indexes(directory)
+    if not parsed:
+        raise ValueError(f"no snapshot index (index-r*.jsonl) in {directory!r}")
+    # Reconstruction never mixes runs: every rank's index must belong to the same one.
+    runs = {index.run for index in parsed.values() if index.run is not None}
+    if len(runs) > 1:
+        raise ValueError(f"{directory!r} holds the indexes of several runs ({sorted(runs)}): runs are never mixed")
+    return {rank: index.live() for rank, index in parsed.items()}
 
 
 def _plan(entries: Sequence[dict[str, Any]], step: int | None, where: str) -> tuple[list[dict[str, Any]], int, float]:
@@ -166,6 +173,8 @@ def _accumulate(
     dtype: torch.dtype,
     bar: Any,
 ) -> list[dict[str, Tensor]]:
+    """``Σ coeffs[i, k] · snapshot_i`` for each k, one file at a time. An entry merged over ranks (``"pieces"``)
+    adds each rank's piece where its shard placement puts it: elementwise, so bit-exact against one process."""
     from safetensors import safe_open
 
     merged = _merged(used)["tensors"]
@@ -176,62 +185,86 @@ def _accumulate(
         for _ in range(count)
     ]
     for i, entry in enumerate(used):
-        path = os.path.join(directory, entry["file"])
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"the index lists {entry['file']}, which is not in {directory!r}")
-        with safe_open(path, framework="pt", device="cpu") as f:
-            present = set(f.keys())
-            for n in entry["tensors"]:
-                if n not in present:
-                    raise ValueError(f"{entry['file']} does not hold tensor {n!r} that its index entry lists")
-                x = f.get_tensor(n)
-                if tuple(x.shape) != shapes[n]:
-                    raise ValueError(
-                        f"mismatched shapes between snapshots: {n!r} is {list(shapes[n])} in the index but "
-                        f"{list(x.shape)} in {entry['file']}"
-                    )
-                rows, x_coeffs = coeffs[n]
-                x = x.to(outs[0][n].dtype)
-                for k, out in enumerate(outs):
-                    out[n].add_(x, alpha=float(x_coeffs[rows[i], k]))
-                del x
+        merged_entry = "pieces" in entry
+        for piece in entry["pieces"] if merged_entry else [entry]:
+            path = os.path.join(directory, piece["file"])
+            if not os.path.exists(path):
+                raise ValueError(f"the index lists {piece['file']}, which is not in {directory!r}")
+            try:
+                f = safe_open(path, framework="pt", device="cpu")
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+                raise ValueError(f"{path} cannot be read (truncated or damaged?): {exc}") from None
+            places = (piece.get("shards") or {}) if merged_entry else {}
+            with f:
+                present = set(f.keys())
+                for n in piece["tensors"]:
+                    if n not in present:
+                        raise ValueError(f"{piece['file']} does not hold tensor {n!r} that its index entry lists")
+                    x = f.get_tensor(n)
+                    want = list(piece["tensors"][n]["shape"]) if merged_entry else list(shapes[n])
+                    if list(x.shape) != want:
+                        raise ValueError(
+                            f"mismatched shapes between snapshots: {n!r} is {want} in the index but "
+                            f"{list(x.shape)} in {piece['file']}"
+                        )
+                    rows, x_coeffs = coeffs[n]
+                    x = x.to(outs[0][n].dtype)
+                    place = places.get(n)
+                    for k, out in enumerate(outs):
+                        target = out[n]
+                        if place is not None:
+                            target = target.narrow(place["dim"], place["offset"], x.shape[place["dim"]])
+                        target.add_(x, alpha=float(x_coeffs[rows[i], k]))
+                    del x
         if bar is not None:
             bar.update(1)
     return outs
 
 
-def _assemble(per_rank: dict[int, list[dict[str, Tensor]]], entries: dict[int, dict[str, Any]]) -> list[dict]:
-    """Full tensors from each rank's reconstructed shards, placed where the index's ``shards`` say."""
-    ranks = sorted(per_rank)
-    count = len(per_rank[ranks[0]])
-    out: list[dict[str, Tensor]] = [{} for _ in range(count)]
-    names: list[str] = []
-    for r in ranks:
-        for n in entries[r]["tensors"]:
-            if n not in names:
-                names.append(n)
-    for n in names:
-        holders = [r for r in ranks if n in entries[r]["tensors"]]
-        missing = [r for r in holders if n not in entries[r].get("shards", {})]
-        if missing:
-            raise ValueError(
-                f"{len(ranks)} ranks' snapshots, but rank {missing[0]}'s tensor {n!r} has no shard placement; "
-                "pass rank= to reconstruct one rank's tensors"
-            )
-        places = [entries[r]["shards"][n] for r in holders]
-        dim, shape = places[0]["dim"], list(places[0]["global_shape"])
-        if any(p["dim"] != dim or list(p["global_shape"]) != shape for p in places):
-            raise ValueError(f"the ranks disagree on how {n!r} is sharded: {places}")
-        covered = sum(entries[r]["tensors"][n]["shape"][dim] for r in holders)
-        if covered != shape[dim]:
-            raise ValueError(f"the shards of {n!r} cover {covered} of its {shape[dim]} rows along dim {dim}")
-        for k in range(count):
-            full = torch.empty(shape, dtype=per_rank[holders[0]][k][n].dtype)
-            for r, p in zip(holders, places):
-                piece = per_rank[r][k].pop(n)
-                full.narrow(dim, p["offset"], piece.shape[dim]).copy_(piece)
-            out[k][n] = full
-    return out
+def _merge_ranks(indexes: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One entry per (step, profile) over the ranks that wrote it, holding full shapes and each rank's piece.
+
+    A snapshot counts when its pieces cover every tensor: a resume on another number of ranks changes who wrote
+    what, and a rank that stopped early (or failed a write) leaves steps that are left out, with a warning.
+    """
+    by_key: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for r in sorted(indexes):
+        for e in indexes[r]:
+            by_key.setdefault((e["step"], e["profile"]), []).append(e)
+    merged, partial = [], []
+    for key in sorted(by_key):
+        pieces = by_key[key]
+        full: dict[str, dict[str, Any]] = {}
+        covered: dict[str, int] = {}
+        for e in pieces:
+            for n, meta in e["tensors"].items():
+                place = (e.get("shards") or {}).get(n)
+                if place is None:
+                    holders = [p["rank"] for p in pieces if n in p["tensors"]]
+                    if len(holders) > 1:
+                        raise ValueError(
+                            f"{len(holders)} ranks' snapshots, but rank {e['rank']}'s tensor {n!r} has no shard "
+                            "placement; pass rank= to reconstruct one rank's tensors"
+                        )
+                    full[n] = {"dtype": meta["dtype"], "shape": list(meta["shape"]), "dim": None}
+                    continue
+                shape = list(place["global_shape"])
+                if n in full and (full[n]["dim"] != place["dim"] or full[n]["shape"] != shape):
+                    raise ValueError(f"the ranks disagree on how {n!r} is sharded at step {key[0]}")
+                full[n] = {"dtype": meta["dtype"], "shape": shape, "dim": place["dim"]}
+                covered[n] = covered.get(n, 0) + meta["shape"][place["dim"]]
+        whole = all(m["dim"] is None or covered[n] == m["shape"][m["dim"]] for n, m in full.items())
+        entry = {k: pieces[0][k] for k in ("step", "t", "gamma", "sigma_rel", "profile", "file")}
+        entry["tensors"] = {n: {"dtype": m["dtype"], "shape": m["shape"]} for n, m in full.items()}
+        entry["pieces"] = pieces
+        (merged if whole else partial).append(entry)
+    if partial:
+        warnings.warn(
+            f"{len(partial)} snapshot(s) miss a rank's piece (a rank stopped early or failed a write), from step "
+            f"{partial[0]['step']} on; using the {len(merged)} whole ones",
+            stacklevel=4,
+        )
+    return merged
 
 
 def _save(path: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
@@ -269,17 +302,11 @@ def _reconstruct(
             raise ValueError(f"Invalid rank value: {rank}. {directory!r} holds the indexes of ranks {sorted(indexes)}")
         indexes = {rank: indexes[rank]}
     elif len(indexes) > 1:
-        # Every rank must reconstruct the same snapshot set, or the assembled tensors would mix different EMAs.
-        keys = [{(e["step"], e["profile"]) for e in entries} for entries in indexes.values()]
-        common = set.intersection(*keys)
-        if any(k != common for k in keys):
-            warnings.warn(
-                f"the ranks' snapshot sets differ (a rank stopped early?); using the {len(common)} snapshots "
-                "all ranks hold",
-                stacklevel=3,
-            )
-            indexes = {r: [e for e in entries if (e["step"], e["profile"]) in common] for r, entries in indexes.items()}
-    plans = {r: _plan(entries, step, os.path.join(directory, index_name(r))) for r, entries in indexes.items()}
+        # Each snapshot assembled from the ranks that wrote it (their number may change at a resume).
+        indexes = {-1: _merge_ranks(indexes)}
+    where = {r: os.path.join(directory, index_name(r)) for r in indexes}
+    where[-1] = f"the indexes in {directory!r}"
+    plans = {r: _plan(entries, step, where[r]) for r, entries in indexes.items()}
     bar = _progress(sum(len(p[0]) for p in plans.values()), progress, "posthoc EMA")
     per_rank: dict[int, list[dict[str, Tensor]]] = {}
     try:
@@ -288,10 +315,7 @@ def _reconstruct(
     finally:
         if bar is not None:
             bar.close()
-    if len(per_rank) == 1:
-        results = next(iter(per_rank.values()))
-    else:
-        results = _assemble(per_rank, {r: _merged(p[0]) for r, p in plans.items()})
+    (results,) = per_rank.values()
     used, target_step, target_t = next(iter(plans.values()))
     return results, {"step": target_step, "t": target_t, "snapshots": len(used), "sigmas": sigmas, "gammas": gammas}
 
@@ -424,21 +448,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m triton_ema.posthoc",
         description="Reconstruct EMAs of any relative width from power-function EMA snapshots (EDM2 post-hoc EMA).",
     )
-    parser.add_argument("directory", help="the snapshot directory (holds index-r*.json)")
-    parser.add_argument("--sigma-rel", type=_parse_sigmas, required=True, help="comma-separated, e.g. 0.08,0.12")
-    parser.add_argument("--out", required=True, help="output directory: one safetensors file per sigma_rel")
+    parser.add_argument("directory", help="the snapshot directory (holds index-r*.jsonl)")
+    parser.add_argument("--sigma-rel", type=_parse_sigmas, help="comma-separated, e.g. 0.08,0.12")
+    parser.add_argument("--out", help="output directory: one safetensors file per sigma_rel")
     parser.add_argument("--step", type=int, default=None, help="target step (default: the last snapshot)")
     parser.add_argument("--rank", type=int, default=None, help="one rank's shards (default: all, assembled)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--prune", action="store_true", help="delete the files of superseded snapshots (abandoned branches) first"
+    )
     args = parser.parse_args(argv)
+    if not args.prune and (args.sigma_rel is None or args.out is None):
+        parser.error("--sigma-rel and --out are required (unless --prune alone)")
+    if (args.sigma_rel is None) != (args.out is None):
+        parser.error("--sigma-rel and --out go together")
     try:
+        if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out!r} is a file; it must be a directory (one file per sigma_rel)")
+        if args.prune:
+            if not os.path.isdir(args.directory):
+                raise ValueError(f"{args.directory!r} is not a directory")
+            for name in prune(args.directory):
+                print(f"removed {os.path.join(args.directory, name)}")
+        if args.sigma_rel is None:
+            return 0
         progress = not args.no_progress
         results, info = _reconstruct(args.directory, args.sigma_rel, args.step, args.rank, progress, torch.float32)
-    except ValueError as exc:
+        for path in _write_outputs(args.out, results, info, args.rank):
+            print(path)
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for path in _write_outputs(args.out, results, info, args.rank):
-        print(path)
     return 0
 
 

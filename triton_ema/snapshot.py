@@ -1,35 +1,53 @@
-"""Asynchronous EMA snapshots as safetensors files, with a crash-safe JSON index.
+"""Asynchronous EMA snapshots as safetensors files, with a crash-safe, append-only index.
 
 A snapshot is one profile's shadows at one step. :class:`SnapshotWriter` takes a host copy of the tensors and
-returns; one worker thread writes the files in submission order.
+returns; one worker thread writes the files in submission order. :mod:`triton_ema.snapshot_index` reads them back.
 
-**Directory format** (version 1; readable without this package: the files are plain safetensors and the index is
-plain JSON):
+**Directory format** (version 2; readable without this package: the files are plain safetensors, the index plain
+JSON lines, one object a line, each ending in ``\\n``):
 
-* One file per (snapshot, profile) and rank: ``ema-s{step:09d}-p{profile}-r{rank}.safetensors``. Its tensors are
-  the shadows, keyed by parameter name (or position); its safetensors metadata repeats the index entry's scalar
-  fields as strings (``step``, ``t``, ``gamma``, ``sigma_rel``, ``profile``, ``rank``, ``format``), so each file
-  also describes itself.
-* One index per rank: ``index-r{rank}.json``::
+* One file per (snapshot, profile) and rank: ``ema-s{step:09d}-p{profile}-r{rank}.safetensors`` for the run's
+  first lineage, ``ema-s{step:09d}-p{profile}-r{rank}-{lineage}.safetensors`` for later ones, so that a resumed
+  run never overwrites what an abandoned branch wrote. Its tensors are the shadows, keyed by parameter name (or
+  position), each the rank's local piece for a sharded tensor; its safetensors metadata repeats the scalar fields
+  as strings (``format``, ``run``, ``lineage``, ``step``, ``t``, ``gamma``, ``sigma_rel``, ``profile``, ``rank``).
+* One index per rank, ``index-r{rank}.jsonl``, only ever appended to. Its lines, told apart by ``"kind"``:
 
-      {"format": "triton-ema-snapshots", "version": 1, "rank": 0,
-       "entries": [
-         {"file": "ema-s000002000-p0-r0.safetensors", "step": 2000, "t": 2000.0,
-          "gamma": 16.97, "sigma_rel": 0.05, "profile": 0, "rank": 0, "dtype": "float32",
-          "tensors": {"layer.weight": {"dtype": "float32", "shape": [64, 32]}, ...},
-          "shards": {"layer.weight": {"dim": 0, "offset": 0, "global_shape": [128, 32]}}},
-         ...]}
+  - ``{"kind": "header", "format": "triton-ema-snapshots", "version": 2, "rank": 0, "run": "<run id>"}``: the
+    first line. The run id (32 hex digits) names the training run; the wrapper's state dict carries it, so a
+    resumed run keeps it, and a fresh run is refused a directory that holds another run's index.
+  - ``{"kind": "lineage", "lineage": "L0", "parent": null, "at": 0}``: a stretch of the run starts. ``L0`` is the
+    run from its start; ``{"lineage": "L2000", "parent": "L0", "at": 2000}`` the run resumed from a checkpoint of
+    lineage ``L0`` at step 2,000 (ids are ``L{at}``, with ``.1``, ``.2``, ... for a repeated resume from the
+    same step). A lineage with ``"parent": null`` and ``"at": s`` started at step ``s`` with nothing before it in
+    this directory.
+  - ``{"kind": "tensors", "id": 0, "tensors": {"layer.weight": {"dtype": "float32", "shape": [64, 32]}, ...},
+    "shards": {"layer.weight": {"dim": 0, "offset": 0, "global_shape": [128, 32]}}}``: a tensor list, written
+    once and referred to by id (a new one only when the tensors change). ``tensors`` lists the names with dtype and
+    (local) shape, in the wrapper's order (the parameters' order); a file's own layout is safetensors' business.
+    ``shards`` (or ``null``) says, for each tensor that is this rank's piece of a larger one (FSDP2), along which
+    dimension, at which offset, and the full shape.
+  - ``{"kind": "snapshot", "file": "ema-s000002000-p0-r0.safetensors", "lineage": "L0", "step": 2000, "t": 2000.0,
+    "gamma": 16.97, "sigma_rel": 0.05, "profile": 0, "dtype": "float32", "tensors": 0}``: a complete file. ``t`` is
+    the profile's time (``step − update_after_step``), ``gamma`` its exponent, ``dtype`` the stored dtype
+    (``"mixed"`` if the tensors differ), ``tensors`` the id of its tensor list.
 
-  ``t`` is the profile's time (``step − update_after_step``), ``gamma`` its exponent, ``dtype`` the stored dtype
-  (``"mixed"`` if the tensors differ), ``tensors`` the names in file order with dtype and shape. ``shards`` is
-  optional: for a sharded tensor (FSDP2 shards along one dimension), where this rank's piece sits in the full
-  tensor. Entries are in the order their files were completed; a later entry for the same ``(step, profile)``
-  replaces an earlier one.
+  **Which snapshots count.** The lineage recorded last, from after its ``at`` on; then its parent's up to that
+  ``at`` (included), and so on to a lineage without parent. Snapshots of lineages off that chain, and a parent's
+  after the step its child resumed from, belong to an abandoned branch: *superseded*. They stay on disk until
+  :func:`triton_ema.snapshot_index.prune` (or ``python -m triton_ema.posthoc DIR --prune``) removes them.
+* ``.lock-r{rank}``: ``"{pid} {hostname}"`` of the live writer; a second live wrapper is refused the directory.
 
-**Crash safety.** A file is written under a temporary name (``.ema-...safetensors.tmp-{pid}``), fsynced and renamed
-into place; only then is its entry appended to the index, which is itself rewritten to a temporary name, fsynced
-and renamed. A crash at any moment therefore leaves an index whose every entry names a complete file; at worst a
-stray temporary file and a snapshot missing from the index.
+Version 1 directories (one ``index-r{rank}.json`` document holding every entry, no run id) are still read.
+
+**Crash safety.** A file is written under a temporary name (``.ema-...safetensors.tmp-{pid}``), fsynced, renamed
+into place, the directory fsynced; only then is its line appended to the index (one ``write``). A
+crash at any moment leaves an index whose every line names a complete file; at worst a stray temporary file and a
+snapshot missing from the index. Index lines are fsynced by :meth:`SnapshotWriter.flush` (the wrapper's
+``flush()``, ``state_dict()``, ``close()``), not one by one: a power loss can drop the lines since then, whose files
+are then unlisted, as after a crash mid-write. A failed write (disk full, an I/O error) is reported once as a warning
+naming the file, leaves neither a temporary nor an unlisted file, and counts in :attr:`SnapshotWriter.failures`; later
+snapshots are still attempted.
 
 Example:
     >>> import tempfile, torch
@@ -49,6 +67,7 @@ import math
 import os
 import queue
 import threading
+import warnings
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -57,76 +76,29 @@ from typing import Any
 import torch
 from torch import Tensor
 
-FORMAT = "triton-ema-snapshots"
-VERSION = 1
-
-
-def index_name(rank: int) -> str:
-    return f"index-r{rank}.json"
-
-
-def snapshot_name(step: int, profile: int, rank: int) -> str:
-    return f"ema-s{step:09d}-p{profile}-r{rank}.safetensors"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _fsync_dir(directory: str) -> None:
-    # Makes the rename itself durable; some platforms (Windows) cannot open a directory, which is fine there.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
-def read_index(directory: str | os.PathLike) -> dict[int, list[dict[str, Any]]]:
-    """Every rank's index in ``directory``: ``{rank: entries}``; ``{}`` if there is none."""
-    directory = os.fspath(directory)
-    out: dict[int, list[dict[str, Any]]] = {}
-    if not os.path.isdir(directory):
-        return out
-    for name in sorted(os.listdir(directory)):
-        if not (name.startswith("index-r") and name.endswith(".json")):
-            continue
-        with open(os.path.join(directory, name)) as f:
-            doc = json.load(f)
-        if doc.get("format") != FORMAT:
-            raise ValueError(f"{name} in {directory} is not a {FORMAT} index (format={doc.get('format')!r})")
-        if doc.get("version", 0) > VERSION:
-            raise ValueError(f"{name} has index version {doc['version']}; this reader knows up to {VERSION}")
-        out[int(doc["rank"])] = list(doc["entries"])
-    return out
+from triton_ema.snapshot_index import (  # noqa: F401 - read_index, prune, FORMAT: this module's public names too
+    FORMAT,
+    VERSION,
+    dtype_name,
+    fsync_dir,
+    index_files,
+    index_name,
+    new_run_id,
+    prune,
+    read_index,
+    read_rank,
+    snapshot_name,
+)
 
 
 @dataclass
 class _Job:
     entry: dict[str, Any]
     tensors: dict[str, Tensor]
+    lines: list[dict[str, Any]]  # lineage and tensor-list lines that must precede the snapshot's own
     event: Any = None  # torch.cuda.Event the host copies wait on, None for CPU sources
     metadata: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class _Discard:
-    step: int
+    renamed: bool = False  # the file is in place: a failure after this removes it (the index never listed it)
 
 
 _STOP = object()
@@ -136,24 +108,26 @@ class SnapshotWriter:
     """Writes EMA snapshots to ``directory`` asynchronously, one safetensors file per (snapshot, profile).
 
     :meth:`submit` takes a host copy of the tensors and returns; a single worker thread writes the files in order
-    and keeps ``index-r{rank}.json`` up to date (see the module docstring for the format). An existing index in
-    the directory is continued, so a resumed run appends to it.
+    and appends to ``index-r{rank}.jsonl`` (see the module docstring for the format). An existing index in the
+    directory is continued (its run id kept), so a resumed run appends to it.
 
     Args:
         directory: where the files go (created if missing).
         rank: this process's rank; each rank writes its own files and index.
+        run: the run id for a new index (default: a fresh one); an existing index of another run is refused.
         max_pending: at most this many submitted snapshots wait for the disk; :meth:`submit` blocks beyond that,
             so a slow disk cannot fill host memory with copies.
 
     .. note::
-        CPU tensors are cloned (converted to ``dtype`` if given). CUDA tensors are copied into pinned host buffers
-        on a side stream; the worker waits for the copy's event before writing. With ``wait=True`` (default) the
-        caller's current stream waits for the copy on the GPU (no host synchronisation), so later kernels cannot
-        overwrite the tensors first; with ``wait=False`` the caller must wait on the returned event itself before
-        writing to them.
+        Tensors are copied into host buffers (pinned for CUDA sources, on a side stream) that are reused once their
+        file is written. With ``wait=True`` (default) the caller's current stream waits for a CUDA copy on the GPU
+        (no host synchronisation), so later kernels cannot overwrite the tensors first; with ``wait=False`` the
+        caller must wait on the returned event itself before writing to them.
     """
 
-    def __init__(self, directory: str | os.PathLike, rank: int = 0, *, max_pending: int = 8) -> None:
+    def __init__(
+        self, directory: str | os.PathLike, rank: int = 0, *, run: str | None = None, max_pending: int = 8
+    ) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ValueError(f"Invalid rank value: {rank!r}. It must be an int >= 0.")
         if max_pending < 1:
@@ -162,9 +136,31 @@ class SnapshotWriter:
         self.rank = rank
         os.makedirs(self.directory, exist_ok=True)
         self._index_path = os.path.join(self.directory, index_name(rank))
-        self._entries: list[dict[str, Any]] = read_index(self.directory).get(rank, [])
+        existing = index_files(self.directory).get(rank)
+        if existing is not None and existing != self._index_path:
+            raise ValueError(
+                f"{existing} was written by an older version of triton-ema (index version 1); it stays readable, "
+                "but new snapshots need another directory"
+            )
+        index = read_rank(existing) if existing is not None else None
+        if index is not None and run is not None and index.run != run:
+            raise ValueError(f"{self._index_path} belongs to run {index.run}, not {run}: runs are never mixed")
+        self.run: str = index.run if index is not None else (run or new_run_id())
+        self._has_header = index is not None
+        self._lineages: dict[str, dict[str, Any]] = dict(index.lineages) if index else {}
+        self.lineage: str | None = next(reversed(self._lineages)) if self._lineages else None
+        self._lists: dict[tuple, int] = {}
+        for list_id, listed in index.tensor_lists.items() if index else ():
+            self._lists[self._list_key(listed["tensors"], listed["shards"])] = list_id
+        self._entries: list[dict[str, Any]] = list(index.snapshots) if index else []
+        self._lines_due: list[dict[str, Any]] = []  # lines the next submitted snapshot takes to the worker
+        self._unwritten: list[dict[str, Any]] = []  # lines the worker still owes the index (after a failure)
+        self._index_dirty = False
+        self.failures = 0
+        self.failed_files: list[str] = []
+        self._pool: dict[tuple, list[Tensor]] = {}
+        self._need: dict[tuple, int] = {}  # buffers of each key one submit_many() takes
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
-        self._errors: list[BaseException] = []
         self._lock = threading.Lock()
         self._stream = None
         self._closed = False
@@ -172,7 +168,7 @@ class SnapshotWriter:
         self._thread.start()
         # A weak reference so that the atexit hook does not keep a forgotten writer alive.
         ref = weakref.ref(self)
-        self._atexit = lambda: (w := ref()) is not None and w._atexit_flush()
+        self._atexit = lambda: (w := ref()) is not None and w.close()
         atexit.register(self._atexit)
 
     def __enter__(self) -> SnapshotWriter:
@@ -182,13 +178,36 @@ class SnapshotWriter:
         self.close()
 
     def __repr__(self) -> str:
-        return f"SnapshotWriter({self.directory!r}, rank={self.rank}, entries={len(self._entries)})"
+        return f"SnapshotWriter({self.directory!r}, rank={self.rank}, run={self.run}, entries={len(self._entries)})"
 
     @property
     def entries(self) -> list[dict[str, Any]]:
-        """The index entries written so far (a copy)."""
+        """Every snapshot line of the index so far, superseded ones included (copies)."""
         with self._lock:
             return [dict(e) for e in self._entries]
+
+    def begin_lineage(self, parent: str | None, at: int) -> str:
+        """Start a lineage: the run resumed at step ``at`` from ``parent`` (``None``: nothing before it here).
+
+        Returns its id; its line is written before the next snapshot, so a lineage that takes no snapshot leaves
+        no trace on disk.
+        """
+        base = f"L{int(at)}"
+        lineage, n = base, 0
+        while lineage in self._lineages:
+            n += 1
+            lineage = f"{base}.{n}"
+        self._lineages[lineage] = {"parent": parent, "at": int(at)}
+        self._lines_due.append({"kind": "lineage", "lineage": lineage, "parent": parent, "at": int(at)})
+        self.lineage = lineage
+        return lineage
+
+    @staticmethod
+    def _list_key(tensors: Mapping[str, Any], shards: Mapping[str, Any] | None) -> tuple:
+        return (
+            tuple((n, m["dtype"], tuple(m["shape"])) for n, m in tensors.items()),
+            tuple((n, p["dim"], p["offset"], tuple(p["global_shape"])) for n, p in (shards or {}).items()),
+        )
 
     def submit(
         self,
@@ -216,59 +235,123 @@ class SnapshotWriter:
                 rank's piece of a larger one; recorded in the index so that :mod:`triton_ema.posthoc` can assemble.
             wait: CUDA only; see the class note.
         """
+        item = {"step": step, "t": t, "gamma": gamma, "sigma_rel": sigma_rel, "profile": profile, "tensors": tensors}
+        return self.submit_many([item], dtype, shards=shards, wait=wait)
+
+    def submit_many(
+        self,
+        items: list[dict[str, Any]],
+        dtype: torch.dtype | None = None,
+        *,
+        shards: Mapping[str, Mapping[str, Any]] | None = None,
+        wait: bool = True,
+    ) -> Any:
+        """:meth:`submit` several profiles at once: every copy is taken before any write is queued."""
         if self._closed:
             raise RuntimeError("SnapshotWriter is closed")
-        self._raise_error()
-        for name, value in (("step", step), ("profile", profile)):
+        for item in items:
+            self._check(item)
+        if self.lineage is None:
+            self.begin_lineage(None, 0)
+        need: dict[tuple, int] = {}
+        for item in items:
+            for x in item["tensors"].values():
+                key = (tuple(x.shape), dtype or x.dtype, x.is_cuda)
+                need[key] = need.get(key, 0) + 1
+        with self._lock:
+            self._need.update(need)
+        event = None
+        jobs = []
+        for item in items:
+            copies, event = self._copy(item["tensors"], dtype, wait)
+            jobs.append(self._job(item, copies, shards, event))
+        for job in jobs:
+            self._queue.put(job)
+        return event
+
+    def _check(self, item: dict[str, Any]) -> None:
+        for name in ("step", "profile"):
+            value = item[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"Invalid {name} value: {value!r}. It must be an int >= 0.")
-        if not (math.isfinite(t) and t > 0):
-            raise ValueError(f"Invalid t value: {t}. A snapshot's time must be > 0 (after update_after_step).")
-        if not (math.isfinite(gamma) and gamma >= 0):
-            raise ValueError(f"Invalid gamma value: {gamma}. It must be a finite number >= 0.")
-        if not tensors:
+        if not (math.isfinite(item["t"]) and item["t"] > 0):
+            raise ValueError(f"Invalid t value: {item['t']}. A snapshot's time must be > 0 (after update_after_step).")
+        if not (math.isfinite(item["gamma"]) and item["gamma"] >= 0):
+            raise ValueError(f"Invalid gamma value: {item['gamma']}. It must be a finite number >= 0.")
+        if not item["tensors"]:
             raise ValueError("submit needs at least one tensor")
-        copies: dict[str, Tensor] = {}
-        event = None
-        cuda_items = []
-        for name, x in tensors.items():
+        for name in item["tensors"]:
             if not isinstance(name, str):
                 raise TypeError(f"tensor names must be str, got {type(name).__name__}")
+
+    def _take(self, shape: torch.Size, dtype: torch.dtype, pinned: bool) -> Tensor:
+        with self._lock:
+            free = self._pool.get((tuple(shape), dtype, pinned))
+            if free:
+                return free.pop()
+        return torch.empty(shape, dtype=dtype, pin_memory=pinned)
+
+    def _release(self, tensors: dict[str, Tensor]) -> None:
+        with self._lock:
+            for buf in tensors.values():
+                key = (tuple(buf.shape), buf.dtype, buf.is_pinned())
+                free = self._pool.setdefault(key, [])
+                # Keep what one submit_many() takes (every profile's copy of every tensor of this shape), so that
+                # the next snapshot allocates nothing and faults in no fresh pages.
+                if len(free) < self._need.get(key, 1):
+                    free.append(buf)
+        tensors.clear()
+
+    def _copy(self, tensors: Mapping[str, Tensor], dtype: torch.dtype | None, wait: bool) -> tuple[dict, Any]:
+        copies: dict[str, Tensor] = {}
+        cuda_items = []
+        for name, x in tensors.items():
             x = x.detach()
-            target = dtype or x.dtype
             if x.is_cuda:
-                cuda_items.append((name, x, target))
+                cuda_items.append((name, x, dtype or x.dtype))
             else:
-                # A fresh contiguous copy: safetensors needs contiguous tensors, and the caller keeps updating x.
-                copies[name] = torch.empty(x.shape, dtype=target).copy_(x)
-        if cuda_items:
-            event = self._copy_cuda(cuda_items, copies, wait)
-        # Keep the caller's order (the dict above filled CPU tensors first).
-        copies = {name: copies[name] for name in tensors}
-        dtypes = {dtype_name(c.dtype) for c in copies.values()}
-        entry: dict[str, Any] = {
-            "file": snapshot_name(step, profile, self.rank),
-            "step": step,
-            "t": float(t),
-            "gamma": float(gamma),
-            "sigma_rel": float(sigma_rel),
-            "profile": profile,
-            "rank": self.rank,
-            "dtype": dtypes.pop() if len(dtypes) == 1 else "mixed",
-            "tensors": {n: {"dtype": dtype_name(c.dtype), "shape": list(c.shape)} for n, c in copies.items()},
-        }
+                # A contiguous copy: safetensors needs contiguous tensors, and the caller keeps updating x.
+                copies[name] = self._take(x.shape, dtype or x.dtype, False).copy_(x)
+        event = self._copy_cuda(cuda_items, copies, wait) if cuda_items else None
+        return {name: copies[name] for name in tensors}, event  # the caller's order
+
+    def _job(self, item: dict[str, Any], copies: dict[str, Tensor], shards: Any, event: Any) -> _Job:
+        listed = {n: {"dtype": dtype_name(c.dtype), "shape": list(c.shape)} for n, c in copies.items()}
+        placed = None
         if shards:
             unknown = set(shards) - set(copies)
             if unknown:
                 raise ValueError(f"shards names tensors that were not given: {sorted(unknown)}")
-            entry["shards"] = {
+            placed = {
                 n: {"dim": int(p["dim"]), "offset": int(p["offset"]), "global_shape": list(map(int, p["global_shape"]))}
                 for n, p in shards.items()
             }
-        metadata = {"format": FORMAT}
-        metadata.update({k: str(entry[k]) for k in ("step", "t", "gamma", "sigma_rel", "profile", "rank")})
-        self._queue.put(_Job(entry, copies, event, metadata))
-        return event
+        lines, self._lines_due = self._lines_due, []
+        key = self._list_key(listed, placed)
+        list_id = self._lists.get(key)
+        if list_id is None:
+            list_id = self._lists[key] = len(self._lists)
+            lines.append({"kind": "tensors", "id": list_id, "tensors": listed, "shards": placed})
+        dtypes = {m["dtype"] for m in listed.values()}
+        step, profile = item["step"], item["profile"]
+        line = {
+            "kind": "snapshot",
+            "file": snapshot_name(step, profile, self.rank, self.lineage),
+            "lineage": self.lineage,
+            "step": step,
+            "t": float(item["t"]),
+            "gamma": float(item["gamma"]),
+            "sigma_rel": float(item["sigma_rel"]),
+            "profile": profile,
+            "dtype": dtypes.pop() if len(dtypes) == 1 else "mixed",
+            "tensors": list_id,
+        }
+        metadata = {"format": FORMAT, "run": self.run, "rank": str(self.rank)}
+        metadata.update({k: str(line[k]) for k in ("lineage", "step", "t", "gamma", "sigma_rel", "profile")})
+        entry = {**line, "rank": self.rank, "tensors": listed, "tensor_list": list_id}
+        if placed:
+            entry["shards"] = placed
+        return _Job(entry, copies, lines, event, metadata)
 
     def _copy_cuda(self, items: list, copies: dict[str, Tensor], wait: bool) -> Any:
         if self._stream is None:
@@ -277,7 +360,7 @@ class SnapshotWriter:
         side.wait_stream(torch.cuda.current_stream(items[0][1].device))
         with torch.cuda.stream(side):
             for name, x, target in items:
-                buf = torch.empty(x.shape, dtype=target, pin_memory=True)
+                buf = self._take(x.shape, target, True)
                 buf.copy_(x, non_blocking=True)
                 # The source was allocated on the caller's stream; keep its memory from being reused early.
                 x.record_stream(side)
@@ -294,75 +377,111 @@ class SnapshotWriter:
             try:
                 if job is _STOP:
                     return
-                if self._errors:
-                    continue  # after a failure, drop the rest: flush() reports the first error
-                if isinstance(job, _Discard):
-                    self._discard(job.step)
-                else:
-                    self._write(job)
-            except BaseException as exc:  # noqa: B036 - reported to the caller by flush()
-                with self._lock:
-                    self._errors.append(exc)
+                self._write(job)
+            except BaseException as exc:  # noqa: B036 - a snapshot must never stop training: warn and go on
+                self._failed(job, exc)
             finally:
+                if job is not _STOP:
+                    self._release(job.tensors)
                 self._queue.task_done()
+
+    def _failed(self, job: _Job, exc: BaseException) -> None:
+        name = job.entry["file"]
+        final = os.path.join(self.directory, name)
+        for path in (self._tmp_path(name), final if job.renamed else None):
+            if path is not None:
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
+        with self._lock:
+            self.failures += 1
+            self.failed_files.append(final)
+        warnings.warn(
+            f"triton-ema: writing the snapshot {final} failed ({exc!r}); it is left out of the index and later "
+            "snapshots are still attempted",
+            RuntimeWarning,
+            stacklevel=1,
+        )
+
+    def _tmp_path(self, name: str) -> str:
+        return os.path.join(self.directory, f".{name}.tmp-{os.getpid()}")
+
+    def _append(self, lines: list[dict[str, Any]]) -> None:
+        data = "".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines).encode()
+        created = not os.path.exists(self._index_path)
+        fd = os.open(self._index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            # One write: a process killed mid-append leaves the line whole or absent. Not fsynced per line (that
+            # would be most of the writer's time on a small model): flush() fsyncs it, so a power loss can drop
+            # the lines since the last flush, whose files are then unlisted, never a line without its file.
+            os.write(fd, data)
+        except OSError:
+            if created:  # leave no empty index behind (it would read as a damaged one)
+                os.remove(self._index_path)
+            raise
+        finally:
+            os.close(fd)
+        self._index_dirty = True
+        if created:
+            fsync_dir(self.directory)
+
+    def _sync_index(self) -> None:
+        if self._index_dirty:
+            self._index_dirty = False
+            fd = os.open(self._index_path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _write(self, job: _Job) -> None:
         from safetensors.torch import save_file
 
+        self._unwritten.extend(job.lines)
+        job.lines = []
+        if self._unwritten or not self._has_header:
+            header = [] if self._has_header else [self._header()]
+            self._append(header + self._unwritten)
+            self._has_header, self._unwritten = True, []
         if job.event is not None:
             job.event.synchronize()
         name = job.entry["file"]
         final = os.path.join(self.directory, name)
-        tmp = os.path.join(self.directory, f".{name}.tmp-{os.getpid()}")
+        if os.path.exists(final):
+            raise FileExistsError(f"{final} exists: snapshot files are never overwritten")
+        tmp = self._tmp_path(name)
         save_file(job.tensors, tmp, metadata=job.metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, final)
-        _fsync_dir(self.directory)
-        job.tensors.clear()  # free the host copy before the (small) index write
+        job.renamed = True
+        fsync_dir(self.directory)
+        self._release(job.tensors)  # the host copy goes back to the pool before the (small) index write
+        line = {k: v for k, v in job.entry.items() if k not in ("rank", "tensors", "tensor_list", "shards")}
+        line["tensors"] = job.entry["tensor_list"]
+        self._append([line])
         with self._lock:
-            key = (job.entry["step"], job.entry["profile"])
-            self._entries = [e for e in self._entries if (e["step"], e["profile"]) != key]
             self._entries.append(job.entry)
-            doc = {"format": FORMAT, "version": VERSION, "rank": self.rank, "entries": list(self._entries)}
-        _write_json_atomic(self._index_path, doc)
 
-    def discard_after(self, step: int) -> None:
-        """Drop the entries (and delete the files) of snapshots taken after ``step``, in submission order.
-
-        For a run resumed from a checkpoint at ``step``: snapshots the abandoned run took later would otherwise stay
-        in the index until the resumed run overwrote them.
-        """
-        if self._closed:
-            raise RuntimeError("SnapshotWriter is closed")
-        self._queue.put(_Discard(int(step)))
-
-    def _discard(self, step: int) -> None:
-        with self._lock:
-            dropped = [e for e in self._entries if e["step"] > step]
-            self._entries = [e for e in self._entries if e["step"] <= step]
-            doc = {"format": FORMAT, "version": VERSION, "rank": self.rank, "entries": list(self._entries)}
-        # The index first: a crash in between leaves unlisted files, never entries without files.
-        _write_json_atomic(self._index_path, doc)
-        for e in dropped:
-            try:
-                os.remove(os.path.join(self.directory, e["file"]))
-            except FileNotFoundError:
-                pass
-
-    def _raise_error(self) -> None:
-        with self._lock:
-            if self._errors:
-                raise RuntimeError(f"writing a snapshot to {self.directory} failed") from self._errors[0]
+    def _header(self) -> dict[str, Any]:
+        return {"kind": "header", "format": FORMAT, "version": VERSION, "rank": self.rank, "run": self.run}
 
     def flush(self) -> None:
-        """Return once every snapshot submitted so far is on disk; raise if a write failed."""
+        """Return once every snapshot submitted so far is written (the index fsynced) or has failed (see
+        :attr:`failures`)."""
         if self._thread.is_alive():
             self._queue.join()
-        self._raise_error()
+        try:
+            self._sync_index()
+        except OSError as exc:  # reported like a failed snapshot: the lines are written, only not yet durable
+            warnings.warn(f"triton-ema: fsync of {self._index_path} failed: {exc!r}", RuntimeWarning, stacklevel=2)
 
     def close(self) -> None:
-        """Flush, then stop the worker thread. Further :meth:`submit` calls raise."""
+        """Flush, then stop the worker thread. Idempotent; further :meth:`submit` calls raise."""
         if self._closed:
             return
         self._closed = True
@@ -372,12 +491,4 @@ class SnapshotWriter:
             self._queue.put(_STOP)
             self._thread.join()
             atexit.unregister(self._atexit)
-
-    def _atexit_flush(self) -> None:
-        # At interpreter exit the daemon worker would be killed mid-file: finish the queue first.
-        try:
-            self.close()
-        except Exception as exc:  # noqa: BLE001 - atexit must not raise; say what was lost instead
-            import warnings
-
-            warnings.warn(f"triton-ema: a snapshot write failed at exit: {exc!r}", stacklevel=1)
+            self._pool.clear()

@@ -16,13 +16,13 @@ from triton_ema import checkpoint
 from triton_ema.dispatch import BACKENDS, MAX_PROFILES, Dispatcher
 from triton_ema.export import EMAExport
 from triton_ema.schedules import PowerProfile, ProfileSet, Schedule
-from triton_ema.snapshot_schedule import SnapshotConfig, SnapshotSchedule
+from triton_ema.snapshot_schedule import SnapshotConfig, SnapshotControls, SnapshotSchedule
 from triton_ema.tracking import Tracker
 from triton_ema.traps import Traps
 from triton_ema.util import as_global
 
 
-class EMAOptimizerWrapper(EMAExport, Optimizer):
+class EMAOptimizerWrapper(EMAExport, SnapshotControls, Optimizer):
     r"""Wraps an optimizer and keeps an exponential moving average of its parameters.
 
     After every successful :meth:`step` of the wrapped optimizer, each parameter's
@@ -86,6 +86,8 @@ class EMAOptimizerWrapper(EMAExport, Optimizer):
         model: the model trained: its buffers are tracked, :meth:`ema_state_dict` is keyed like its
             ``state_dict()``, and snapshot tensors take its names (those of the module inside torch.compile
             or DDP) where the inner optimizer's ``param_names`` are missing or not unique.
+        snapshot_resume: continue the run whose snapshots ``snapshot_dir`` holds, from the checkpoint
+            loaded next (default ``False``: such a directory is refused at construction).
 
     .. note::
         A bf16 or fp16 parameter gets an fp32 shadow by default: with
@@ -126,6 +128,7 @@ class EMAOptimizerWrapper(EMAExport, Optimizer):
         snapshot_dir: str | os.PathLike | None = None,
         snapshot_dtype: torch.dtype | None = None,
         model: torch.nn.Module | None = None,
+        snapshot_resume: bool = False,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -163,6 +166,7 @@ class EMAOptimizerWrapper(EMAExport, Optimizer):
         self._tracked = Tracker(self._dispatch, ema_dtype)
         self._tracked.track(self._tracked.all_params(self.param_groups), buffers, self._step)
         self._snapshots.check_names(self._tracked, self.param_groups)
+        self._snapshots.open(self._tracked, snapshot_resume)
         self._traps = Traps(self)
 
     @property
@@ -301,10 +305,6 @@ class EMAOptimizerWrapper(EMAExport, Optimizer):
         """The decay the next step will use, or ``None`` if it makes no update."""
         return self.schedule.decay_at(self.num_steps + 1)
 
-    def flush(self) -> None:
-        """Return once every snapshot taken so far is on disk; raises if writing one failed."""
-        self._snapshots.flush()
-
     # ------------------------------------------------------------------ reading and swapping
     def _check_profile(self, profile: int) -> int:
         if isinstance(profile, bool) or not isinstance(profile, int) or not 0 <= profile < len(self.profiles):
@@ -390,8 +390,10 @@ class EMAOptimizerWrapper(EMAExport, Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        checkpoint.load(self, *checkpoint.parse(self, state_dict))
-        self._snapshots.resumed_at(self._step)
+        parsed = checkpoint.parse(self, state_dict)
+        resume = self._snapshots.resume_plan(parsed[1].get("snapshots"), parsed[1]["step"], self._step)  # may raise
+        checkpoint.load(self, *parsed)
+        self._snapshots.resumed(resume)  # recorded on disk with the next snapshot, never before
         for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
             hook(self)
 
