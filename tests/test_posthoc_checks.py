@@ -164,20 +164,22 @@ def _run(directory: Path, steps: int = 40, after: int = 0, every: int = 10, **kw
 def test_step_between_snapshots_is_refused_naming_the_nearest(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from triton_ema import posthoc
 
-    _run(tmp_path / "run", after=5)  # snapshot steps 10, 20, 30, 40 at times t = step - 5
-    with pytest.raises(ValueError, match="Invalid step value: 25. It is not a snapshot step.*nearest are 20 and 30"):
-        posthoc.reconstruct(tmp_path / "run", 0.08, step=25)
-    with pytest.raises(ValueError, match="Invalid step value: 7.*nearest are 10 "):
+    _run(
+        tmp_path / "run", after=5
+    )  # every 10 updates counted from update_after_step: steps 15, 25, 35 (t = 10, 20, 30)
+    with pytest.raises(ValueError, match="Invalid step value: 30. It is not a snapshot step.*nearest are 25 and 35"):
+        posthoc.reconstruct(tmp_path / "run", 0.08, step=30)
+    with pytest.raises(ValueError, match="Invalid step value: 7.*nearest are 15 "):
         posthoc.reconstruct(tmp_path / "run", 0.08, step=7)
     out = tmp_path / "out"
-    assert posthoc.main([str(tmp_path / "run"), "--sigma-rel", "0.08", "--step", "25", "--out", str(out)]) == 2
+    assert posthoc.main([str(tmp_path / "run"), "--sigma-rel", "0.08", "--step", "30", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: Invalid step value: 25") and "20 and 30" in err and not out.exists()
+    assert err.startswith("error: Invalid step value: 30") and "25 and 35" in err and not out.exists()
     # at a snapshot step, the time is step - update_after_step: reconstructing a tracked width gives that snapshot
     from safetensors.torch import load_file
 
-    state = posthoc.reconstruct(tmp_path / "run", 0.10, step=30)
-    stored = load_file(str(tmp_path / "run" / "ema-s000000030-p1-r0.safetensors"))
+    state = posthoc.reconstruct(tmp_path / "run", 0.10, step=35)
+    stored = load_file(str(tmp_path / "run" / "ema-s000000035-p1-r0.safetensors"))
     for name, t in stored.items():
         torch.testing.assert_close(state[name], t, atol=1e-5, rtol=1e-5)
 

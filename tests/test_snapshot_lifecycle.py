@@ -427,7 +427,7 @@ def test_cli_errors_in_one_line(tmp_path, capsys, damage):
         expect = "index-r0.jsonl"
     elif damage == "step-before":
         args += ["--step", "1"]
-        expect = "step 1"
+        expect = "step value: 1"
     else:
         (tmp_path / "out").write_text("")
         expect = "is a file"
