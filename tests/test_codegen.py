@@ -97,18 +97,27 @@ def test_no_approximate_division(rows):
 
 
 def test_aligned_tables_get_128_bit_accesses(rows):
-    """Data of one width moves in 128-bit accesses. With a 16-bit parameter and 32-bit shadows (or more than 4
-    profiles) a thread holds 4 elements: the shadows' accesses are 128-bit, the parameter's 64-bit."""
+    """Every data access is 128 bits wide, a 16-bit parameter beside 32-bit shadows included (a thread holds 8
+    elements: one 128-bit access of the parameter, two of each shadow). With more than 4 profiles a thread
+    holds 4 elements (registers): the 32-bit shadows' accesses stay 128-bit, 16-bit data moves in 64-bit ones."""
     for name, r in rows.items():
         if r["kernel"] == "weights" or "unaligned" in name:
             continue
-        narrow = len(_widths(name)) > 1 or (r["kernel"] == "multi" and int(re.search(r"-k(\d)", name)[1]) > 4)
-        if narrow:
+        if r["kernel"] == "multi" and int(re.search(r"-k(\d)", name)[1]) > 4:
             assert r["access_bits"] is not None and r["access_bits"] >= 64, (name, r["access_bits"])
             if 32 in _widths(name):
                 assert any(op.endswith(".v4.b32") for op in r["vector_accesses"]), (name, r["vector_accesses"])
         else:
             assert r["access_bits"] == 128, (name, r["access_bits"], r["vector_accesses"])
+
+
+def test_mixed_dtypes_hold_8_elements_per_thread(rows):
+    """The configs of a 16-bit parameter with 32-bit shadows give a thread 8 elements (no BAR.SYNC: checked above)."""
+    mixed = [r for n, r in rows.items() if len(_widths(n)) > 1 and not re.search(r"-k[5-8]-", n)]
+    assert mixed
+    for r in mixed:
+        c = r["config"]
+        assert c["BLOCK"] // (32 * c["num_warps"]) == 8, (r["name"], c)
 
 
 def test_unaligned_tables_stay_scalar(rows):
