@@ -354,8 +354,13 @@ def analyse(case: Case, ptx: str, sass: str) -> dict[str, Any]:
     vector = re.compile(r"(?:@!?P\d+ )?(?:LDG|STG)\.E\.(64|128)\b")
     tail = re.compile(r"@!?P\d+ (LDG|STG)\.E(\.U16|\.U8)?\s")
 
+    # An unaligned table's full blocks move data in unpredicated scalar accesses.
+    scalar = re.compile(r"(?:LDG|STG)\.E(\.U16|\.U8)?\s")
+    width = {".U16": 2, ".U8": 1, None: 4}
+
     def moved(block: list[tuple[int, str]]) -> int:
-        return sum(int(m.group(1)) // 8 for _, t in block if (m := vector.match(t)))
+        vectors = sum(int(m.group(1)) // 8 for _, t in block if (m := vector.match(t)))
+        return vectors + sum(width[m.group(1)] for _, t in block if (m := scalar.match(t)))
 
     # Ties go to a block that stores, then to 128-bit accesses: the table lookups before the data (64-bit
     # loads of addresses) may move as many bytes as one block's data, but never store.
