@@ -413,7 +413,7 @@ def analyse(case: Case, ptx: str, sass: str) -> dict[str, Any]:
         ]
         elems = case.kwargs["BLOCK"] / threads
     hot = [t for b in counted for _, t in b]
-    in_loads = sum(int(m.group(1)) // 8 for t in hot if (m := vector.match(t)) and "LDG" in t)
+    in_loads = moved([(0, t) for t in hot if "LDG" in t])
     row["instr_per_elem"] = round(len(hot) / elems, 2) if elems else None
     threads_per_sm = row["occupancy"] * SM90["warps"] * 32
     row["in_flight_per_sm"] = int(threads_per_sm * in_loads)
