@@ -124,6 +124,24 @@ def test_mixed_dtypes_hold_8_elements_per_thread(rows):
         assert c["BLOCK"] // (32 * c["num_warps"]) == 8, (r["name"], c)
 
 
+#: Ceilings on the SASS instructions per element of the unmasked full-block path (``analyse``), about 10% above
+#: the i16b figures (benchmarks/RESULTS.md); the K-profile update's, per profile.
+INSTRUCTIONS_PER_ELEMENT = {"update": 16.5, "multi": 16.0, "guard": 3.75, "swap": 2.5, "backup": 11.0, "restore": 1.25}
+
+
+def test_instructions_per_element_do_not_regress(rows):
+    high = {}
+    for name, r in rows.items():
+        if r["instr_per_elem"] is None:
+            continue
+        ceiling = INSTRUCTIONS_PER_ELEMENT[r["kernel"]]
+        if r["kernel"] == "multi":
+            ceiling *= int(re.search(r"-k(\d)", name)[1])
+        if r["instr_per_elem"] > ceiling:
+            high[name] = (r["instr_per_elem"], ceiling)
+    assert not high, high
+
+
 def test_unaligned_tables_stay_scalar(rows):
     assert rows["update-fp32-fp32-unaligned-b1024-e4-w8"]["vector_accesses"] == []
 
