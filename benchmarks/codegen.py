@@ -259,13 +259,11 @@ def compile_case(case: Case) -> tuple[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
+        # One call for both: each cuobjdump run costs about as much as a small kernel's ptxas.
         sass = subprocess.run(
-            [str(BIN / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True
+            [str(BIN / "cuobjdump"), "-sass", "-res-usage", str(cubin)], capture_output=True, text=True, check=True
         ).stdout
-        usage = subprocess.run(
-            [str(BIN / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True, check=True
-        ).stdout
-    return compiled.asm["ptx"], sass + "\n// resource usage\n" + usage
+    return compiled.asm["ptx"], sass
 
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -303,11 +301,16 @@ def data_access_bits(ptx: str) -> list[int]:
 
 
 def analyse(case: Case, ptx: str, sass: str) -> dict[str, Any]:
-    """One report row. ``instr_per_elem``: SASS instructions of the hot loop's full-block path per element.
+    """One report row. ``instr_per_elem``: SASS instructions of the unmasked full-block path per element.
 
-    The hot loop is the innermost backward branch around the full blocks' vector loads (the whole kernel
-    when no loop encloses them); basic blocks holding predicated (masked, tail) accesses are not counted.
-    Elements per iteration are the bytes its vector loads bring, divided by the bytes read per element.
+    That path is found from the basic block whose vector accesses move the most bytes. In the shared
+    walker's layout (``walk_entries``) it is the unrolled full entry: that block and the memory-free
+    blocks after it up to the next branch (the per-entry latch), over ``ENTRY`` elements. In a
+    loop-per-block layout (the code before the walker) it is the innermost loop around that block, from
+    its head and from the first block with vector accesses on, without the blocks holding predicated
+    scalar (masked) accesses, over ``BLOCK`` elements. Elements per thread come from the config, not from
+    the loads' bytes: a 64-bit load of an address reads like a vector of data in SASS. Table lookups, the
+    masked tail and the per-program code are not counted.
     """
     usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", sass)
     regs, stack, shared, local = (int(x) for x in usage.groups()) if usage else (0, 0, 0, 0)
@@ -338,44 +341,84 @@ def analyse(case: Case, ptx: str, sass: str) -> dict[str, Any]:
         },
         "bytes_per_elem": case.read + case.written,
     }
-    vec = [i for i, (_, t) in enumerate(insts) if re.match(r"LDG\.E\.(64|128)\b", t) and not t.startswith("@")]
-    if not vec or case.kernel == "weights":
+    # Basic blocks: a branch target starts one, a branch or an exit ends one.
+    targets = {int(m, 16) for _, t in insts for m in re.findall(r"BRA (0x[0-9a-f]+)", t)}
+    blocks: list[list[tuple[int, str]]] = [[]]
+    for a, t in insts:
+        if a in targets and blocks[-1]:
+            blocks.append([])
+        blocks[-1].append((a, t))
+        if re.search(r"\b(BRA|EXIT)\b", t):
+            blocks.append([])
+    blocks = [b for b in blocks if b]
+    # A full block's data accesses are vectors, unpredicated or under a uniform per-profile predicate (the
+    # K-profile kernel skips a profile whose weight is 0); a masked tail's are predicated scalars.
+    vector = re.compile(r"(?:@!?P\d+ )?(?:LDG|STG)\.E\.(64|128)\b")
+    tail = re.compile(r"@!?P\d+ (LDG|STG)\.E(\.U16|\.U8)?\s")
+
+    # An unaligned table's full blocks move data in unpredicated scalar accesses.
+    scalar = re.compile(r"(?:LDG|STG)\.E(\.U16|\.U8)?\s")
+    width = {".U16": 2, ".U8": 1, None: 4}
+
+    def moved(block: list[tuple[int, str]]) -> int:
+        vectors = sum(int(m.group(1)) // 8 for _, t in block if (m := vector.match(t)))
+        return vectors + sum(width[m.group(1)] for _, t in block if (m := scalar.match(t)))
+
+    # Ties go to a block that stores, then to 128-bit accesses: the table lookups before the data (64-bit
+    # loads of addresses) may move as many bytes as one block's data, but never store.
+    best = max(
+        range(len(blocks)),
+        key=lambda i: (
+            moved(blocks[i]),
+            sum("STG" in t for _, t in blocks[i]),
+            sum(".E.128" in t for _, t in blocks[i]),
+        ),
+    )
+    if not moved(blocks[best]) or case.kernel == "weights":
         row.update(instr_per_elem=None, in_flight_per_sm=None)
         row["verdict"] = _verdict(row)
         return row
-    addr = [a for a, _ in insts]
-    first, last = addr[vec[0]], addr[vec[-1]]
-    lo, hi = addr[0], addr[-1]
-    loops = []
-    for a, t in insts:
-        m = re.match(r"(@!?U?P\w+ )?BRA (0x[0-9a-f]+)", t)
-        if m and int(m.group(2), 16) <= first and a >= last:
-            loops.append((a - int(m.group(2), 16), int(m.group(2), 16), a))
-    if loops:
-        _, lo, hi = min(loops)
+    threads = 32 * warps
+    if "walk_entries" in case.fn.src:
+        # The shared walker unrolls a full entry: from the block that moves the most bytes (its first loads;
+        # the table lookups before it move a few) through the blocks that follow without masked accesses
+        # (the K-profile kernel branches around a profile's stores when its weight is 0), up to and with
+        # the one that leaves: a jump back or away, an exit (the per-entry latch is counted in full, as if
+        # paid per block: an overstatement).
+        counted = []
+        for b in blocks[best:]:
+            if any(tail.match(t) for _, t in b):
+                break
+            counted.append(b)
+            last = b[-1][1]
+            m = re.match(r"(@!?U?P\w+ )?BRA (0x[0-9a-f]+)", last)
+            if "EXIT" in last or (m and (not m.group(1) or int(m.group(2), 16) <= b[-1][0])):
+                break
+        elems = case.kwargs["ENTRY"] / threads
     else:
-        lo, hi = first, last
-    # Basic blocks of the region; those with predicated global memory accesses are the masked path.
-    targets = {int(m, 16) for _, t in insts for m in re.findall(r"BRA (0x[0-9a-f]+)", t)}
-    blocks: list[list[str]] = [[]]
-    for a, t in insts:
-        if not lo <= a <= hi:
-            continue
-        if a in targets and blocks[-1]:
-            blocks.append([])
-        blocks[-1].append(t)
-        if re.search(r"\b(BRA|EXIT)\b", t):
-            blocks.append([])
-    # A masked tail's accesses are predicated scalars; a full block's may be predicated vectors (the
-    # K-profile kernel skips a profile whose weight is 0 with a uniform predicate).
-    tail = re.compile(r"@!?P\d+ (LDG|STG)\.E(\.U16|\.U8)?\s")
-    hot = [t for b in blocks if not any(tail.match(t) for t in b) for t in b]
-    loaded = sum(int(m.group(1)) // 8 for t in hot if (m := re.match(r"(?:@!?P\d+ )?LDG\.E\.(64|128)\b", t)))
-    read = max(case.read, 1)
-    elems = loaded / read if loaded else 0
+        # A loop per block (the layout before the walker, commit 4cf1be9): the innermost loop around that
+        # block, from its head, without the blocks that hold masked accesses or come before the first
+        # block with vector accesses (the masked path sits there); one block's elements per iteration.
+        head = blocks[best][0][0]
+        loops = []
+        for a, t in insts:
+            m = re.match(r"(?:@!?U?P\w+ )?BRA (0x[0-9a-f]+)", t)
+            if m and int(m.group(1), 16) <= head and a >= blocks[best][-1][0]:
+                loops.append((int(m.group(1), 16), a))
+        lo, hi = min(loops, key=lambda lp: lp[1] - lp[0]) if loops else (head, blocks[best][-1][0])
+        inside = [b for b in blocks if lo <= b[0][0] <= hi]
+        first_vector = min(b[0][0] for b in inside if moved(b))
+        counted = [
+            b
+            for i, b in enumerate(inside)
+            if (i == 0 or b[0][0] >= first_vector) and not any(tail.match(t) for _, t in b)
+        ]
+        elems = case.kwargs["BLOCK"] / threads
+    hot = [t for b in counted for _, t in b]
+    in_loads = moved([(0, t) for t in hot if "LDG" in t])
     row["instr_per_elem"] = round(len(hot) / elems, 2) if elems else None
     threads_per_sm = row["occupancy"] * SM90["warps"] * 32
-    row["in_flight_per_sm"] = int(threads_per_sm * loaded)
+    row["in_flight_per_sm"] = int(threads_per_sm * in_loads)
     row["verdict"] = _verdict(row)
     return row
 
@@ -414,12 +457,25 @@ def _run_named(args: tuple[str, str | None]) -> tuple[dict[str, Any], str, str]:
     return _run(case)
 
 
+def _cost(case: Case) -> int:
+    """A rough rank of a case's compile time: a full entry's elements per thread (the walker unrolls it)
+    times the values per element."""
+    profiles = int(m[1]) if (m := re.search(r"-k(\d)", case.name)) and case.kernel == "multi" else 1
+    per_thread = case.kwargs.get("ENTRY", 1) // (32 * case.kwargs.get("num_warps", 4))
+    return per_thread * (profiles + 1)
+
+
 def report(only: str | None = None, jobs: int = 1, out: Path | None = None) -> list[dict[str, Any]]:
     """Compile every case matching ``only`` and return the rows; with ``out``, write the report and the code."""
     todo = cases(only)
     if jobs > 1:
+        # The costliest compiles first (the K-profile kernel's grow with K), so that no worker is left
+        # with a long one at the end while the others idle; rows keep the cases' order.
+        order = sorted(range(len(todo)), key=lambda i: -_cost(todo[i]))
         with ProcessPoolExecutor(jobs) as pool:
-            results = list(pool.map(_run_named, [(c.name, f"^{re.escape(c.name)}$") for c in todo]))
+            done = pool.map(_run_named, [(todo[i].name, f"^{re.escape(todo[i].name)}$") for i in order])
+            by_index = dict(zip(order, done))
+        results = [by_index[i] for i in range(len(todo))]
     else:
         results = [_run(c) for c in todo]
     rows = [r for r, _, _ in results]

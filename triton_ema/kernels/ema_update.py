@@ -17,7 +17,15 @@ import triton.language as tl
 from torch import Tensor
 
 from triton_ema.kernels.launch import TableKernel, configs_for_dtypes
-from triton_ema.kernels.table import ENTRY, TensorTable, build_table, tensor_ptr, walk_entries
+from triton_ema.kernels.table import (
+    ENTRY,
+    TensorTable,
+    build_table,
+    load_pairs_16,
+    pair_offsets,
+    tensor_ptr,
+    walk_entries,
+)
 from triton_ema.schedules import Schedule
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -80,15 +88,27 @@ def _ema_entry(idx, args, meta: tl.constexpr):
 
 
 @triton.jit
-def _ema_block(ptrs, offs, n, state, args, meta: tl.constexpr, MASKED: tl.constexpr):
+def _ema_block(ptrs, base, offs, n, state, args, meta: tl.constexpr, MASKED: tl.constexpr):
     param_ptr, shadow_ptr = ptrs
     w = args[2]
+    PARAM_DTYPE: tl.constexpr = meta[0]
     SHADOW_DTYPE: tl.constexpr = meta[1]
-    if MASKED:
+    BLOCK: tl.constexpr = offs.shape[0]
+    ALIGNED: tl.constexpr = meta[2]
+    # Scalar accesses anyway on an unaligned table: the plain layout, which needs no rearranging.
+    WIDE: tl.constexpr = ALIGNED and PARAM_DTYPE.primitive_bitwidth == 16 and SHADOW_DTYPE.primitive_bitwidth == 32
+    if WIDE:
+        # A 16-bit parameter beside a 32-bit shadow: 8 elements per thread, each side in 128-bit accesses.
+        offs = pair_offsets(base, BLOCK)
+        mask = offs < n if MASKED else None
+        p = load_pairs_16(param_ptr, base, n, BLOCK, MASKED).to(tl.float32)
+        s = tl.load(shadow_ptr + offs, mask=mask).to(tl.float32)
+    elif MASKED:
         mask = offs < n
         p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
         s = tl.load(shadow_ptr + offs, mask=mask).to(tl.float32)
     else:
+        mask = None
         p = tl.load(param_ptr + offs).to(tl.float32)
         s = tl.load(shadow_ptr + offs).to(tl.float32)
     diff = p - s
@@ -98,10 +118,7 @@ def _ema_block(ptrs, offs, n, state, args, meta: tl.constexpr, MASKED: tl.conste
     # exact for w >= 0.5). A copy (w == 1) takes the parameter itself, so that it also resets a
     # shadow that holds inf or NaN.
     new = tl.where(w < 0.5, tl.fma(w, diff, s), tl.where(w == 1.0, p, tl.fma(w - 1.0, diff, p)))
-    if MASKED:
-        tl.store(shadow_ptr + offs, _round(new, SHADOW_DTYPE), mask=mask)
-    else:
-        tl.store(shadow_ptr + offs, _round(new, SHADOW_DTYPE))
+    tl.store(shadow_ptr + offs, _round(new, SHADOW_DTYPE), mask=mask)
     return state
 
 
@@ -167,7 +184,7 @@ def _nonfinite_entry(idx, args, meta: tl.constexpr):
 
 
 @triton.jit
-def _nonfinite_block(x_ptr, offs, n, top, args, meta: tl.constexpr, MASKED: tl.constexpr):
+def _nonfinite_block(x_ptr, base, offs, n, top, args, meta: tl.constexpr, MASKED: tl.constexpr):
     """``top`` raised to the element's exponent bits where they are higher.
 
     NaN and +-inf are the values whose exponent bits are all set, the largest the exponent field

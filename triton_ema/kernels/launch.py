@@ -28,11 +28,15 @@ ENTRIES_PER_PROGRAM = (1, 4, 16)
 SHAPES_32 = ((1024, 4), (1024, 8))
 #: 16-bit data only: 8 elements per thread make a 128-bit access.
 SHAPES_16 = ((1024, 4), (2048, 8))
-#: A 16-bit parameter with 32-bit shadows: a store moves at most 128 bits per thread (4 fp32), and a load
-#: takes as many elements as the widest load of the kernel, so any config giving a thread more than 4
-#: elements loads 8 and converts to the stores' 4 through shared memory. 4 per thread: the 16-bit
-#: parameter then moves in 64-bit accesses, the 32-bit shadows in 128-bit ones.
-SHAPES_MIXED = ((1024, 8),)
+#: A 16-bit parameter with 32-bit shadows: 8 elements per thread. Triton stores at most 128 bits (4 fp32)
+#: per thread and access in a 1-D layout, so the kernels arrange a full block's 32-bit side as
+#: ``[2, BLOCK // 2]`` (``table.pair_offsets``): a thread's 8 elements are consecutive, the 16-bit side is
+#: one 128-bit access and the 32-bit side two, in the same registers (no conversion).
+SHAPES_MIXED = ((1024, 4), (2048, 8))
+#: 4 elements per thread, whatever the dtypes (the 16-bit side of a mixed pair in 64-bit accesses): for
+#: kernels that hold many values per element (the K-profile update with K > 4), so that registers stay
+#: under 128 per thread.
+SHAPES_NARROW = ((1024, 8),)
 
 
 def _configs(shapes: tuple[tuple[int, int], ...]) -> list[triton.Config]:
@@ -45,13 +49,11 @@ def _configs(shapes: tuple[tuple[int, int], ...]) -> list[triton.Config]:
 
 CONFIGS_32, CONFIGS_16, CONFIGS_MIXED = _configs(SHAPES_32), _configs(SHAPES_16), _configs(SHAPES_MIXED)
 
-#: At most 4 elements per thread, whatever the dtypes: for kernels that hold many values per element
-#: (the K-profile update with K > 4), so that registers stay under 128 per thread.
 #: One entry per program: with more, the unrolled entry loop takes up to 148 registers (bf16, K = 8).
-CONFIGS_NARROW = [c for c in CONFIGS_MIXED if c.kwargs["ENTRIES_PER_PROGRAM"] == 1]
+CONFIGS_NARROW = [c for c in _configs(SHAPES_NARROW) if c.kwargs["ENTRIES_PER_PROGRAM"] == 1]
 
 #: Every config any kernel may be launched with. Every BLOCK divides the table's ENTRY.
-CONFIGS = _configs(tuple(dict.fromkeys(SHAPES_32 + SHAPES_16 + SHAPES_MIXED)))
+CONFIGS = _configs(tuple(dict.fromkeys(SHAPES_32 + SHAPES_16 + SHAPES_MIXED + SHAPES_NARROW)))
 
 
 def configs_for_dtypes(dtypes: tuple[Any, ...]) -> list[triton.Config]:

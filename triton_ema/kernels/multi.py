@@ -24,7 +24,15 @@ from torch import Tensor
 from triton_ema.kernels import MAX_PROFILES  # noqa: E402  (the kernel takes one address argument per profile)
 from triton_ema.kernels.ema_update import _TL_DTYPES, _round
 from triton_ema.kernels.launch import CONFIGS_NARROW, TableKernel, configs_for_dtypes
-from triton_ema.kernels.table import ENTRY, TensorTable, build_table, tensor_ptr, walk_entries
+from triton_ema.kernels.table import (
+    ENTRY,
+    TensorTable,
+    build_table,
+    load_pairs_16,
+    pair_offsets,
+    tensor_ptr,
+    walk_entries,
+)
 
 
 @triton.jit
@@ -112,13 +120,24 @@ def _store_shadow(
 
 
 @triton.jit
-def _multi_block(ptrs, offs, n, state, args, meta: tl.constexpr, MASKED: tl.constexpr):
+def _multi_block(ptrs, base, offs, n, state, args, meta: tl.constexpr, MASKED: tl.constexpr):
     """One block of every profile: the parameter and all K shadows are loaded before any store."""
     param_ptr, p0, p1, p2, p3, p4, p5, p6, p7 = ptrs
     w0, w1, w2, w3, w4, w5, w6, w7 = args[2]
     SHADOW_DTYPE: tl.constexpr = meta[1]
     N: tl.constexpr = meta[2]
-    if MASKED:
+    PARAM_DTYPE: tl.constexpr = meta[0]
+    BLOCK: tl.constexpr = offs.shape[0]
+    # A 16-bit parameter beside 32-bit shadows, up to 4 profiles (their configs give a thread 8 elements;
+    # more profiles keep 4, for registers), on aligned tables: each side in 128-bit accesses (see
+    # ``table.pair_offsets``).
+    WIDE: tl.constexpr = (
+        meta[3] and N <= 4 and PARAM_DTYPE.primitive_bitwidth == 16 and SHADOW_DTYPE.primitive_bitwidth == 32
+    )
+    if WIDE:
+        offs = pair_offsets(base, BLOCK)
+        p = load_pairs_16(param_ptr, base, n, BLOCK, MASKED).to(tl.float32)
+    elif MASKED:
         p = tl.load(param_ptr + offs, mask=offs < n).to(tl.float32)
     else:
         p = tl.load(param_ptr + offs).to(tl.float32)

@@ -42,7 +42,7 @@ def _swap_entry(idx, args, meta: tl.constexpr):
 
 
 @triton.jit
-def _swap_block(ptrs, offs, n, state, args, meta: tl.constexpr, MASKED: tl.constexpr):
+def _swap_block(ptrs, base, offs, n, state, args, meta: tl.constexpr, MASKED: tl.constexpr):
     a_ptr, b_ptr, c_ptr = ptrs
     A_DTYPE: tl.constexpr = meta[0]
     MODE: tl.constexpr = meta[2]
@@ -100,10 +100,10 @@ def _swap_kernel(
 _swap = TableKernel(
     _swap_kernel,
     key=["SIZE_BUCKET", "A_DTYPE", "B_DTYPE", "MODE", "ALIGNED"],
-    # The swap and the restore move one dtype; the backup reads the shadow's too.
-    configs=lambda kw: configs_for_dtypes(
-        (kw["A_DTYPE"], kw["B_DTYPE"]) if kw["MODE"] == MODE_BACKUP_AND_LOAD else (kw["A_DTYPE"],)
-    ),
+    # Configs by the parameter's dtype, for every mode: the backup reads the wider shadow too, but stores
+    # only in the parameter's dtype, so its shadow load takes the stores' 8 elements per thread (two
+    # 128-bit loads) and no layout is converted.
+    configs=lambda kw: configs_for_dtypes((kw["A_DTYPE"],)),
 )
 
 

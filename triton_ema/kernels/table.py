@@ -133,8 +133,9 @@ def walk_entries(
     """Run ``block_fn`` over every block of this program's entries; returns the carried ``state``.
 
     ``ptrs = entry_fn(idx, args, meta)`` is called once per entry with the entry's tensor index (the
-    slot addresses are read there, once per entry); ``state = block_fn(ptrs, offs, n, state, args, meta,
-    MASKED)`` once per block of ``BLOCK`` elements. ``args`` is a tuple of run-time values, ``meta`` one
+    slot addresses are read there, once per entry); ``state = block_fn(ptrs, base, offs, n, state, args,
+    meta, MASKED)`` once per block of ``BLOCK`` elements, ``base`` its first element and ``offs`` its
+    elements (``base + tl.arange(0, BLOCK)``). ``args`` is a tuple of run-time values, ``meta`` one
     of compile-time values (dtypes, flags). Whether the entry is full is decided once: a full entry's
     blocks are unrolled and unmasked, so their loads can be in flight together; only a tensor's last
     entry takes the masked path. ``state`` must be a tensor (a loop carries it).
@@ -147,9 +148,45 @@ def walk_entries(
             ptrs = entry_fn(idx, args, meta)
             if start + ENTRY <= n:
                 for off in tl.static_range(0, ENTRY, BLOCK):
-                    state = block_fn(ptrs, start + off + tl.arange(0, BLOCK), n, state, args, meta, False)
+                    state = block_fn(ptrs, start + off, start + off + tl.arange(0, BLOCK), n, state, args, meta, False)
             else:
                 for off in range(0, ENTRY, BLOCK):
                     if start + off < n:
-                        state = block_fn(ptrs, start + off + tl.arange(0, BLOCK), n, state, args, meta, True)
+                        state = block_fn(
+                            ptrs, start + off, start + off + tl.arange(0, BLOCK), n, state, args, meta, True
+                        )
     return state
+
+
+@triton.jit
+def pair_offsets(base, BLOCK: tl.constexpr):
+    """A block's element offsets arranged ``[2, BLOCK // 2]`` so that a thread holds 8 consecutive elements.
+
+    Column ``i`` holds elements ``8 * (i // 4) + i % 4`` (row 0) and 4 further on (row 1). Triton gives a
+    32-bit store at most 4 consecutive elements per thread (128 bits; more would leave gaps in a warp's
+    write), and in a 1-D block the next 4 go to the next thread, so a 16-bit load of 8 per thread had to be
+    converted through shared memory. Here a thread gets 4 along the columns and both rows: its 8 elements
+    are consecutive in memory (two 128-bit accesses) and match a 128-bit load of 8 16-bit values
+    (:func:`load_pairs_16`) when ``BLOCK`` is 8 elements per thread (any other config is correct, only
+    laid out differently).
+    """
+    i = tl.arange(0, BLOCK // 2)
+    j = tl.arange(0, 2)
+    return base + (i // 4 * 8 + i % 4)[None, :] + 4 * j[:, None]
+
+
+@triton.jit
+def load_pairs_16(ptr, base, n, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    """A block of 16-bit values, 8 per thread in one 128-bit load, in :func:`pair_offsets`' arrangement.
+
+    The reshape, permute and reshape only rename registers: the loaded layout (8 consecutive values
+    per thread) and the pair layout are the same linear layout, so no data moves between threads.
+    """
+    r = tl.arange(0, BLOCK // 8)
+    c = tl.arange(0, 8)
+    offs = base + r[:, None] * 8 + c[None, :]
+    if MASKED:
+        x = tl.load(ptr + offs, mask=offs < n)
+    else:
+        x = tl.load(ptr + offs)
+    return tl.reshape(tl.permute(tl.reshape(x, [BLOCK // 8, 2, 4]), (1, 0, 2)), [2, BLOCK // 2])
