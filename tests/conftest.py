@@ -62,3 +62,14 @@ def forced_config(request, monkeypatch):
         pytest.skip(f"the interpreter launches num_warps={c.num_warps} exactly like num_warps={CONFIGS[0].num_warps}")
     monkeypatch.setattr(launch, "FORCED_CONFIG", c.all_kwargs())
     return c
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps its state in process-wide singletons: start and leave each test with none."""
+    state = pytest.importorskip("accelerate.state")
+    state.AcceleratorState._reset_state(True)
+    state.GradientState._reset_state()
+    yield
+    state.AcceleratorState._reset_state(True)
+    state.GradientState._reset_state()

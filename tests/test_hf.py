@@ -24,14 +24,8 @@ EMA_KWARGS = {"decay": 0.8, "warmup": "litema"}
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps its state in process-wide singletons: start and leave each test with none."""
-    state = pytest.importorskip("accelerate.state")
-    state.AcceleratorState._reset_state(True)
-    state.GradientState._reset_state()
+def _fresh_accelerate(fresh_accelerate_state):
     yield
-    state.AcceleratorState._reset_state(True)
-    state.GradientState._reset_state()
 
 
 def tiny_gpt2(seed: int) -> GPT2LMHeadModel:

@@ -152,17 +152,6 @@ def test_add_param_group_after_load_tracks_the_new_parameters(seed):
     assert_equal(clone(opt2.ema_params()), clone(opt.ema_params()), "EMA after a second load")
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate keeps its state in process-wide singletons: start and leave each test with none."""
-    state = pytest.importorskip("accelerate.state")
-    state.AcceleratorState._reset_state(True)
-    state.GradientState._reset_state()
-    yield
-    state.AcceleratorState._reset_state(True)
-    state.GradientState._reset_state()
-
-
 def test_accelerate_prepare_drives_the_inner_optimizer(seed, fresh_accelerate_state):
     from accelerate import Accelerator
 

@@ -24,16 +24,6 @@ def python_block(after: str, containing: str) -> str:
     raise AssertionError(f"no python block with {containing!r} after {after!r} in README.md")
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    state = pytest.importorskip("accelerate.state")
-    state.AcceleratorState._reset_state(True)
-    state.GradientState._reset_state()
-    yield
-    state.AcceleratorState._reset_state(True)
-    state.GradientState._reset_state()
-
-
 def test_transformers_section_runs_as_written(tmp_path, monkeypatch, fresh_accelerate_state):
     pytest.importorskip("transformers")
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -44,16 +44,6 @@ def assert_kept(directory: Path, before: dict[str, bytes]) -> None:
         assert now.get(name) == data, f"{name} was deleted or rewritten"
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    state = pytest.importorskip("accelerate.state")
-    state.AcceleratorState._reset_state(True)
-    state.GradientState._reset_state()
-    yield
-    state.AcceleratorState._reset_state(True)
-    state.GradientState._reset_state()
-
-
 def test_accelerate_save_state_and_load_state(tmp_path, fresh_accelerate_state):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
