@@ -10,8 +10,13 @@ reported too. Before each snapshot step the previous snapshot's write is waited 
 as it would have finished long before in a run that snapshots every few thousand steps; how long that wait
 was (``pending_write_s``: 0 when the disk kept up with ``--every``) is reported, not hidden.
 
+On the CPU the copy itself runs on the writer's copy thread and the next update waits for it: with nothing between
+two ``opt.step()`` calls (the default) the next step absorbs what the copy did not overlap. ``--gap-ms N`` runs N ms
+of untimed 256x256 matmuls on the training thread between steps, a stand-in for forward and backward (compute-bound:
+it leaves the memory bandwidth to the copy), to show how much of the copy such work hides.
+
     python -m benchmarks.snapshot_step [--workloads small3,resnet50] [--dtypes fp32] [--every 20]
-                                       [--snapshots 6] [--tmp-root DIR] [--threads 1] [--json FILE]
+                                       [--snapshots 6] [--tmp-root DIR] [--threads 1] [--gap-ms 0] [--json FILE]
 """
 
 from __future__ import annotations
@@ -35,7 +40,17 @@ from triton_ema.snapshot import read_index
 DEFAULT_WORKLOADS = "small3,resnet50"
 
 
-def measure(arch: str, dtype: str, every: int, snapshots: int, tmp_root: str | None = None) -> dict:
+def between_steps(gap_s: float) -> None:
+    """Untimed work on the training thread, standing in for forward and backward."""
+    if gap_s <= 0:
+        return
+    a = torch.randn(256, 256)
+    end = time.perf_counter() + gap_s
+    while time.perf_counter() < end:
+        a = torch.tanh(a @ a)
+
+
+def measure(arch: str, dtype: str, every: int, snapshots: int, tmp_root: str | None = None, gap_ms: float = 0) -> dict:
     """Per-step times of a snapshotting wrapper on ``arch``/``dtype``; snapshot steps against the median."""
     if every < 2 or snapshots < 1:
         raise ValueError("needs every >= 2 (steps without a snapshot to compare with) and snapshots >= 1")
@@ -59,6 +74,7 @@ def measure(arch: str, dtype: str, every: int, snapshots: int, tmp_root: str | N
                 start = time.perf_counter()
                 opt.flush()
                 pending.append(time.perf_counter() - start)
+            between_steps(gap_ms / 1e3)
             harness.synchronize(device)
             faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
@@ -85,6 +101,7 @@ def measure(arch: str, dtype: str, every: int, snapshots: int, tmp_root: str | N
         "tensors": len(workload.params),
         "numel": workload.numel,
         "every": every,
+        "gap_ms": gap_ms,
         "snapshots": len(snap),
         "profiles": len(SIGMA_RELS),
         "bytes_per_snapshot": snapshot_bytes,
@@ -109,12 +126,14 @@ def measure(arch: str, dtype: str, every: int, snapshots: int, tmp_root: str | N
     }
 
 
-def run(archs: list[str], dtypes: list[str], every: int, snapshots: int, tmp_root: str | None = None) -> dict:
+def run(
+    archs: list[str], dtypes: list[str], every: int, snapshots: int, tmp_root: str | None = None, gap_ms: float = 0
+) -> dict:
     if os.environ.get("TRITON_INTERPRET"):
         raise SystemExit("TRITON_INTERPRET is set: unset it to benchmark the compiled kernels.")
     harness.apply_threads()
     device = torch.device(workloads.default_device())
-    results = [measure(a, d, every, snapshots, tmp_root) for a in archs for d in dtypes]
+    results = [measure(a, d, every, snapshots, tmp_root, gap_ms) for a in archs for d in dtypes]
     return {"environment": harness.environment(device), "results": results}
 
 
@@ -126,13 +145,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--snapshots", type=int, default=6, help="snapshot periods timed")
     parser.add_argument("--tmp-root", help="where the temporary snapshot directory goes (default: the system's)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (sets EMA_BENCH_THREADS)")
+    parser.add_argument("--gap-ms", type=float, default=0, help="untimed matmuls between steps (forward/backward)")
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
     args = parser.parse_args(argv)
     if args.threads:
         os.environ["EMA_BENCH_THREADS"] = str(args.threads)
     specs = workloads.selected("cpu", args.workloads, args.dtypes)
     archs, dtypes = list(dict.fromkeys(a for a, _ in specs)), list(dict.fromkeys(d for _, d in specs))
-    data = run(archs, dtypes, args.every, args.snapshots, args.tmp_root)
+    data = run(archs, dtypes, args.every, args.snapshots, args.tmp_root, args.gap_ms)
     if args.json:
         args.json.write_text(json.dumps(data, indent=1))
     for r in data["results"]:

@@ -567,7 +567,7 @@ def test_every_profile_is_copied_before_any_write_is_queued_and_buffers_are_reus
     events: list[str] = []
     taken: list[list[int]] = [[], []]
     with SnapshotWriter(tmp_path) as w:
-        real_take, real_put = w._take, w._queue.put
+        real_take, real_put = w._copies.take, w._queue.put
 
         def take(*args):
             buf = real_take(*args)
@@ -579,7 +579,7 @@ def test_every_profile_is_copied_before_any_write_is_queued_and_buffers_are_reus
             events.append("queue")
             return real_put(job, *args, **kwargs)
 
-        w._take, w._queue.put = take, put
+        w._copies.take, w._queue.put = take, put
         tensors = {"a": torch.randn(64), "b": torch.randn(8, 8)}
         items = [
             {"step": 2, "t": 2.0, "gamma": g, "sigma_rel": s, "profile": k, "tensors": tensors}

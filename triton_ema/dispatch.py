@@ -10,6 +10,7 @@ it was before that operation.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 from operator import attrgetter
 
@@ -74,6 +75,7 @@ class Dispatcher:
         self._swap = Swap()
         self._has_cuda = False
         self._offloaded: list[OffloadedGroup] = []
+        self._reads: list[Future] = []  # work on other threads still reading the shadows (snapshot copies)
         self._all_sources: list[Tensor] = []
         self._all_ptrs: list[int] | None = None
         self._all_dtypes: list[torch.dtype] = []
@@ -148,8 +150,20 @@ class Dispatcher:
         for g in self._offloaded:
             g.before_step()
 
+    def defer_read(self, done: Future) -> None:
+        """Register work that still reads the shadows on another thread (a snapshot's host copy): :meth:`join`
+        and :meth:`update` wait for ``done`` before anything writes or reads them."""
+        self._reads.append(done)
+
+    def _wait_reads(self) -> None:
+        while self._reads:
+            self._reads[0].result()
+            del self._reads[0]
+
     def join(self) -> None:
-        """Wait for offloaded updates still running, before anything reads or writes the shadows."""
+        """Wait for offloaded updates and deferred reads still running, before anything reads or writes the
+        shadows."""
+        self._wait_reads()
         for g in self._offloaded:
             g.join()
 
@@ -178,6 +192,7 @@ class Dispatcher:
         several profiles (or power-function ones) run the fused K-profile kernel with
         weights computed on the device from the counter.
         """
+        self._wait_reads()  # a snapshot's copy reads the shadows this update writes
         self.refresh()
         if self._has_cuda and torch.cuda.is_current_stream_capturing():
             self._check_capturable(profiles)

@@ -70,12 +70,14 @@ import threading
 import warnings
 import weakref
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from triton_ema.snapshot_copy import HostCopies
 from triton_ema.snapshot_index import (  # noqa: F401 - read_index, prune, FORMAT: this module's public names too
     FORMAT,
     VERSION,
@@ -99,6 +101,7 @@ class _Job:
     event: Any = None  # torch.cuda.Event the host copies wait on, None for CPU sources
     metadata: dict[str, str] = field(default_factory=dict)
     renamed: bool = False  # the file is in place: a failure after this removes it (the index never listed it)
+    error: BaseException | None = None  # the deferred copy failed: only ``lines`` are kept, for the next snapshot
 
 
 _STOP = object()
@@ -158,11 +161,9 @@ class SnapshotWriter:
         self._index_dirty = False
         self.failures = 0
         self.failed_files: list[str] = []
-        self._pool: dict[tuple, list[Tensor]] = {}
-        self._need: dict[tuple, int] = {}  # buffers of each key one submit_many() takes
+        self._copies = HostCopies(rank)
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._lock = threading.Lock()
-        self._stream = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"triton-ema-snapshots-r{rank}", daemon=True)
         self._thread.start()
@@ -245,29 +246,64 @@ class SnapshotWriter:
         *,
         shards: Mapping[str, Mapping[str, Any]] | None = None,
         wait: bool = True,
+        defer: bool = False,
     ) -> Any:
-        """:meth:`submit` several profiles at once: every copy is taken before any write is queued."""
+        """:meth:`submit` several profiles at once: every copy is taken before any write is queued.
+
+        With ``defer=True`` the copies of CPU tensors are taken on the copy thread and a
+        :class:`~concurrent.futures.Future` is returned, done once they are (never an exception: a failed copy is
+        reported and counted like a failed write): the caller must not write the tensors before. CUDA tensors
+        are copied on the side stream as without it, the future done at once.
+        """
         if self._closed:
             raise RuntimeError("SnapshotWriter is closed")
         for item in items:
             self._check(item)
         if self.lineage is None:
             self.begin_lineage(None, 0)
-        need: dict[tuple, int] = {}
-        for item in items:
-            for x in item["tensors"].values():
-                key = (tuple(x.shape), dtype or x.dtype, x.is_cuda)
-                need[key] = need.get(key, 0) + 1
-        with self._lock:
-            self._need.update(need)
+        self._copies.reserve([item["tensors"] for item in items], dtype)
+        if defer and not any(x.is_cuda for item in items for x in item["tensors"].values()):
+            return self._submit_later(items, dtype, shards)
+        self._copies.wait()  # the queue stays in submission order
         event = None
         jobs = []
         for item in items:
-            copies, event = self._copy(item["tensors"], dtype, wait)
+            copies, event = self._copies.copy(item["tensors"], dtype, wait)
             jobs.append(self._job(item, copies, shards, event))
         for job in jobs:
             self._queue.put(job)
+        if defer:
+            done: Future = Future()
+            done.set_result(None)
+            return done
         return event
+
+    def _submit_later(self, items: list[dict[str, Any]], dtype: torch.dtype | None, shards: Any) -> Future:
+        pairs, jobs = [], []
+        for item in items:
+            copies = {}
+            for name, x in item["tensors"].items():
+                copies[name] = self._copies.take(x.shape, dtype or x.dtype, False)
+                pairs.append((copies[name], x.detach()))
+            jobs.append(self._job(item, copies, shards, None))
+        copied: Future = Future()
+
+        def copy_then_queue() -> None:
+            try:
+                for buf, x in pairs:
+                    self._copies.fill(buf, x)
+            except BaseException as exc:  # noqa: B036 - reported by the writer thread, in order, like a failed write
+                buffers = {f"{k}/{n}": b for k, job in enumerate(jobs) for n, b in job.tensors.items()}
+                lines = [line for job in jobs for line in job.lines]
+                jobs[:] = [_Job({"step": items[0]["step"]}, buffers, lines, error=exc)]
+            finally:
+                # Every profile is copied (or the copy failed) before any write is queued.
+                copied.set_result(None)
+            for job in jobs:
+                self._queue.put(job)
+
+        self._copies.later(copy_then_queue)
+        return copied
 
     def _check(self, item: dict[str, Any]) -> None:
         for name in ("step", "profile"):
@@ -283,37 +319,6 @@ class SnapshotWriter:
         for name in item["tensors"]:
             if not isinstance(name, str):
                 raise TypeError(f"tensor names must be str, got {type(name).__name__}")
-
-    def _take(self, shape: torch.Size, dtype: torch.dtype, pinned: bool) -> Tensor:
-        with self._lock:
-            free = self._pool.get((tuple(shape), dtype, pinned))
-            if free:
-                return free.pop()
-        return torch.empty(shape, dtype=dtype, pin_memory=pinned)
-
-    def _release(self, tensors: dict[str, Tensor]) -> None:
-        with self._lock:
-            for buf in tensors.values():
-                key = (tuple(buf.shape), buf.dtype, buf.is_pinned())
-                free = self._pool.setdefault(key, [])
-                # Keep what one submit_many() takes (every profile's copy of every tensor of this shape), so that
-                # the next snapshot allocates nothing and faults in no fresh pages.
-                if len(free) < self._need.get(key, 1):
-                    free.append(buf)
-        tensors.clear()
-
-    def _copy(self, tensors: Mapping[str, Tensor], dtype: torch.dtype | None, wait: bool) -> tuple[dict, Any]:
-        copies: dict[str, Tensor] = {}
-        cuda_items = []
-        for name, x in tensors.items():
-            x = x.detach()
-            if x.is_cuda:
-                cuda_items.append((name, x, dtype or x.dtype))
-            else:
-                # A contiguous copy: safetensors needs contiguous tensors, and the caller keeps updating x.
-                copies[name] = self._take(x.shape, dtype or x.dtype, False).copy_(x)
-        event = self._copy_cuda(cuda_items, copies, wait) if cuda_items else None
-        return {name: copies[name] for name in tensors}, event  # the caller's order
 
     def _job(self, item: dict[str, Any], copies: dict[str, Tensor], shards: Any, event: Any) -> _Job:
         listed = {n: {"dtype": dtype_name(c.dtype), "shape": list(c.shape)} for n, c in copies.items()}
@@ -353,39 +358,33 @@ class SnapshotWriter:
             entry["shards"] = placed
         return _Job(entry, copies, lines, event, metadata)
 
-    def _copy_cuda(self, items: list, copies: dict[str, Tensor], wait: bool) -> Any:
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device=items[0][1].device)
-        side = self._stream
-        side.wait_stream(torch.cuda.current_stream(items[0][1].device))
-        with torch.cuda.stream(side):
-            for name, x, target in items:
-                buf = self._take(x.shape, target, True)
-                buf.copy_(x, non_blocking=True)
-                # The source was allocated on the caller's stream; keep its memory from being reused early.
-                x.record_stream(side)
-                copies[name] = buf
-            event = torch.cuda.Event()
-            event.record(side)
-        if wait:
-            torch.cuda.current_stream(items[0][1].device).wait_event(event)
-        return event
-
     def _run(self) -> None:
         while True:
             job = self._queue.get()
             try:
                 if job is _STOP:
                     return
+                if job.error is not None:
+                    self._unwritten.extend(job.lines)  # the lineage and tensor lines go with the next snapshot
+                    raise job.error
                 self._write(job)
             except BaseException as exc:  # noqa: B036 - a snapshot must never stop training: warn and go on
                 self._failed(job, exc)
             finally:
                 if job is not _STOP:
-                    self._release(job.tensors)
+                    self._copies.release(job.tensors)
                 self._queue.task_done()
 
     def _failed(self, job: _Job, exc: BaseException) -> None:
+        if job.error is not None:
+            with self._lock:
+                self.failures += 1
+            warnings.warn(
+                f"triton-ema: the snapshot at step {job.entry['step']} was not taken: copying it failed ({exc!r})",
+                RuntimeWarning,
+                stacklevel=1,
+            )
+            return
         name = job.entry["file"]
         final = os.path.join(self.directory, name)
         for path in (self._tmp_path(name), final if job.renamed else None):
@@ -460,7 +459,7 @@ class SnapshotWriter:
         os.replace(tmp, final)
         job.renamed = True
         fsync_dir(self.directory)
-        self._release(job.tensors)  # the host copy goes back to the pool before the (small) index write
+        self._copies.release(job.tensors)  # the host copy goes back to the pool before the (small) index write
         line = {k: v for k, v in job.entry.items() if k not in ("rank", "tensors", "tensor_list", "shards")}
         line["tensors"] = job.entry["tensor_list"]
         self._append([line])
@@ -473,6 +472,7 @@ class SnapshotWriter:
     def flush(self) -> None:
         """Return once every snapshot submitted so far is written (the index fsynced) or has failed (see
         :attr:`failures`)."""
+        self._copies.wait()
         if self._thread.is_alive():
             self._queue.join()
         try:
@@ -491,4 +491,4 @@ class SnapshotWriter:
             self._queue.put(_STOP)
             self._thread.join()
             atexit.unregister(self._atexit)
-            self._pool.clear()
+            self._copies.close()

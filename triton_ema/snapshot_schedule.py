@@ -164,7 +164,10 @@ class SnapshotSchedule:
                         shards[name] = shard
                 item = {"step": step, "t": step - after, "gamma": profile.gamma, "sigma_rel": profile.sigma_rel}
                 items.append({**item, "profile": k, "tensors": tensors})
-            writer.submit_many(items, dtype=self.config.dtype, shards=shards or None)
+            # The CPU copies run on the writer's copy thread, overlapping the next step: the dispatcher's
+            # fence (before the next update, swap, export or checkpoint) waits for them.
+            copied = writer.submit_many(items, dtype=self.config.dtype, shards=shards or None, defer=True)
+            tracked.dispatch.defer_read(copied)
             if restart:
                 warnings.warn(
                     f"triton-ema: the run starts over in {os.fspath(self.config.dir)!r}: no checkpoint of it was "
