@@ -138,12 +138,7 @@ class SnapshotSchedule:
         updates = step // every - after // every  # updates in (update_after_step, step]
         if step % every or updates <= 0 or updates % self.config.every or step - after <= 0:
             return
-        if (
-            torch.distributed.is_available()
-            and torch.distributed.is_initialized()
-            and torch.distributed.get_rank() != 0
-            and not any(is_dtensor(e.owner) for e in tracked.entries)
-        ):
+        if not _writes(tracked):
             return  # replicas (DDP) hold the same EMA: rank 0 writes it once
         try:
             writer = self._writer()
