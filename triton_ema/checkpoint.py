@@ -45,7 +45,7 @@ from triton_ema.schedules import ProfileSet, profile_from_dict
 from triton_ema.snapshot_schedule import SnapshotSchedule
 from triton_ema.tracking import Tracker
 from triton_ema.traps import Traps, inner_step
-from triton_ema.util import as_global, local_shard
+from triton_ema.util import as_global, local_shard, lr_is_zero
 
 FORMAT_VERSION = 2
 
@@ -376,26 +376,6 @@ def refuse_flattened_dcp() -> None:
         ):
             raise ValueError(FLATTENED_DCP)
         frame = frame.f_back
-
-
-def split_named(group: dict[str, Any]) -> dict[str, Any]:
-    """A parameter group whose ``params`` are ``(name, tensor)`` pairs (torch >= 2.6), as the optimizer stores
-    it: tensors in ``params``, names in ``param_names``; other groups unchanged."""
-    pairs = group["params"]
-    if not any(isinstance(p, tuple) for p in pairs):
-        return group
-    if not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in pairs):
-        raise ValueError("a parameter group's params must be all tensors or all (name, tensor) pairs")
-    return {**group, "params": [p for _, p in pairs], "param_names": [n for n, _ in pairs]}
-
-
-def lr_is_zero(groups: list[dict[str, Any]]) -> bool:
-    """What the state initialisation below sets first: a cheap test before looking at frames."""
-    lr = groups[0].get("lr") if groups else None
-    if isinstance(lr, Tensor):
-        # Reading a CUDA lr would wait for the device; the helper sets a CPU tensor anyway.
-        return lr.device.type == "cpu" and not bool(lr != 0)
-    return lr is not None and lr == 0
 
 
 def initialising_state(optimizer: torch.optim.Optimizer) -> bool:

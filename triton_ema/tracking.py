@@ -202,3 +202,14 @@ def span_of(t: Tensor) -> tuple | None:
     low = sum(min(0, (n - 1) * st) for n, st in zip(t.shape, t.stride())) * size
     high = (sum(max(0, (n - 1) * st) for n, st in zip(t.shape, t.stride())) + 1) * size
     return (t.device, t.data_ptr() + low, t.data_ptr() + high)
+
+
+def split_named(group: dict[str, Any]) -> dict[str, Any]:
+    """A parameter group whose ``params`` are ``(name, tensor)`` pairs (torch >= 2.6), as the optimizer stores
+    it: tensors in ``params``, names in ``param_names``; other groups unchanged."""
+    pairs = group["params"]
+    if not any(isinstance(p, tuple) for p in pairs):
+        return group
+    if not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in pairs):
+        raise ValueError("a parameter group's params must be all tensors or all (name, tensor) pairs")
+    return {**group, "params": [p for _, p in pairs], "param_names": [n for n, _ in pairs]}

@@ -19,6 +19,8 @@ from typing import Any
 
 from torch import Tensor
 
+from triton_ema.util import lr_is_zero
+
 
 def inner_step(state: dict[str, Any]) -> float | None:
     """The inner optimizer's own step count in a state dict's ``state`` (Adam's ``"step"``), if it keeps one."""
@@ -57,9 +59,8 @@ class Traps:
 
     def inner_stepped(self, optimizer: Any) -> None:
         opt = self.opt()
-        lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
         # torch.distributed.checkpoint's state initialisation steps at a zero learning rate; it changes nothing.
-        if opt is None or (not isinstance(lr, Tensor) and lr == 0):
+        if opt is None or lr_is_zero(optimizer.param_groups):
             return
         if self.seen_at == opt._step:
             self.warn(

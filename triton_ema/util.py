@@ -6,6 +6,7 @@ import _signal  # signal's C core: the enum wrapping of the signal module costs 
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from torch import Tensor
 
@@ -57,3 +58,13 @@ def interrupts_deferred() -> Iterator[None]:
         _signal.signal(_signal.SIGINT, previous)
         if received:
             previous(*received[0])
+
+
+def lr_is_zero(groups: list[dict[str, Any]]) -> bool:
+    """True when the first group's learning rate is zero (torch.distributed.checkpoint's state initialisation
+    steps at lr 0); a CUDA tensor lr is never read, so this never waits for the device."""
+    lr = groups[0].get("lr") if groups else None
+    if isinstance(lr, Tensor):
+        # Reading a CUDA lr would wait for the device; the helper sets a CPU tensor anyway.
+        return lr.device.type == "cpu" and not bool(lr != 0)
+    return lr is not None and lr == 0

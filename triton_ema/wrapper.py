@@ -17,7 +17,7 @@ from triton_ema.dispatch import BACKENDS, MAX_PROFILES, Dispatcher
 from triton_ema.export import EMAExport
 from triton_ema.schedules import PowerProfile, ProfileSet, Schedule
 from triton_ema.snapshot_schedule import SnapshotConfig, SnapshotControls, SnapshotSchedule
-from triton_ema.tracking import Tracker
+from triton_ema.tracking import Tracker, split_named
 from triton_ema.traps import Traps
 from triton_ema.util import as_global
 
@@ -217,7 +217,7 @@ class EMAOptimizerWrapper(EMAExport, SnapshotControls, Optimizer):
         group = dict(param_group)
         params = group["params"]
         group["params"] = [params] if isinstance(params, Tensor) else list(params)
-        view = checkpoint.split_named(group)  # (name, tensor) pairs: the inner optimizer splits them itself
+        view = split_named(group)  # (name, tensor) pairs: the inner optimizer splits them itself
         named = self._tracked.named(view, len(self._tracked.params))
         plan = self._tracked.plan(named, [])
         self._snapshots.check_names(self._tracked, [*self.param_groups, view], plan)
